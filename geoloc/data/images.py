@@ -1,0 +1,142 @@
+"""Opening photos safely: every image comes out as an upright 8-bit RGB ``PIL.Image`` or as an
+:class:`ImageError` that says why not (missing, unreadable, truncated, decompression bomb).
+
+Large jobs catch :class:`ImageError`, count it in a :class:`SkipReport` and carry on.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+#: Images with more pixels than this are refused as decompression bombs (Pillow's own default).
+DEFAULT_MAX_PIXELS = 89_478_485
+
+SKIP_REASONS = ("missing", "unreadable", "truncated", "decompression_bomb")
+
+
+class ImageError(Exception):
+    """An image that cannot be used.
+
+    Attributes:
+        reason: one of :data:`SKIP_REASONS`.
+        path: the file (or key) it concerns.
+    """
+
+    def __init__(self, reason: str, path: str | Path, detail: str = ""):
+        self.reason = reason
+        self.path = str(path)
+        self.detail = detail
+        super().__init__(f"{self.path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+@dataclass
+class SkipReport:
+    """Items a job skipped, by reason, so that nothing is dropped silently."""
+
+    counts: Counter = field(default_factory=Counter)
+    items: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, key: str, reason: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        self.items.append((str(key), reason, detail))
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self, max_items: int = 50) -> dict:
+        return {
+            "n_skipped": len(self),
+            "by_reason": dict(sorted(self.counts.items())),
+            "examples": [
+                {"key": k, "reason": r, "detail": d} for k, r, d in self.items[:max_items]
+            ],
+        }
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Converts any Pillow mode to 8-bit RGB.
+
+    Grayscale, palette, CMYK and YCbCr convert directly; images with transparency are composited on
+    white; 16- and 32-bit integer and float images are rescaled to 8 bits rather than clipped.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            top = arr.max() if arr.size and arr.max() > 1.0 else 1.0
+            arr = arr / top * 255.0
+        elif img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr / 257.0  # 16-bit range onto 8 bits
+        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes | Path | str, *, name: str | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Opens an image from a path or bytes as upright RGB.
+
+    Args:
+        data: a file path or the encoded bytes.
+        name: what to call it in errors (defaults to the path).
+        max_pixels: images larger than this are refused as decompression bombs.
+
+    Returns:
+        An 8-bit RGB image with its EXIF orientation applied.
+
+    Raises:
+        ImageError: with ``reason`` in :data:`SKIP_REASONS`.
+    """
+    label = name if name is not None else (str(data) if not isinstance(data, bytes) else "<bytes>")
+    if not isinstance(data, bytes):
+        path = Path(data)
+        if not path.is_file():
+            raise ImageError("missing", label, "no such file")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageError("unreadable", label, str(e)) from e
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError("decompression_bomb", label, f"{w}x{h} = {w * h} pixels > {max_pixels}")
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError("decompression_bomb", label, str(e)) from e
+    except OSError as e:
+        msg = str(e).lower()
+        reason = "truncated" if ("truncated" in msg or "broken data stream" in msg) else "unreadable"
+        raise ImageError(reason, label, str(e)) from e
+    except Exception as e:  # Pillow raises many kinds (SyntaxError, ValueError, ...) on bad files
+        raise ImageError("unreadable", label, f"{type(e).__name__}: {e}") from e
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:  # a broken EXIF block should not cost the photo
+        warnings.warn(f"{label}: EXIF orientation ignored ({e})", stacklevel=2)
+    return to_rgb(img)
+
+
+def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
+    """Encodes an RGB image as JPEG bytes."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
