@@ -1,0 +1,42 @@
+"""Score a predictor on a geolocation benchmark.
+
+    python evaluate.py data=im2gps3k data.root=DIR predictor=constant output_dir=OUT
+    python evaluate.py data=yfcc4k data.root=DIR data.images=null predictor=prior
+    python evaluate.py data=sample predictor=constant          # the embedded synthetic sample
+    python evaluate.py data=shards data.dir=SHARDS data.split=test
+
+Writes OUT/predictions.csv (as it goes; rerun the same command to resume), OUT/skipped.csv,
+OUT/metrics.json and OUT/results.md. See geoloc/evaluation.py for the formats.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from geoloc.countries import default_country_lookup
+from geoloc.evaluation import evaluate
+
+
+def main(cfg: DictConfig) -> dict:
+    """Builds the dataset and predictor from the config and evaluates; returns the metrics."""
+    source = hydra.utils.instantiate(cfg.data.dataset)
+    predictor = hydra.utils.instantiate(cfg.predictor)
+    country_of = default_country_lookup() if cfg.country else None
+    metrics = evaluate(source, predictor, cfg.output_dir, batch_size=cfg.batch_size, resume=cfg.resume,
+                       progress=cfg.progress, country_of=country_of)
+    keys = ["n", "n_skipped", "acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "median_km",
+            "geoscore", "acc_country"]
+    print(" ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics.get(k), float) else f"{k}={metrics.get(k)}"
+                   for k in keys))
+    print(f"wrote {cfg.output_dir}/metrics.json, predictions.csv, results.md")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def _entry(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    _entry()

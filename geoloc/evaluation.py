@@ -1,0 +1,241 @@
+"""The evaluation engine behind ``evaluate.py``: run a predictor over a benchmark and score it.
+
+Outputs in ``output_dir``:
+
+* ``predictions.csv``: ``IMG_ID,true_lat,true_lng,pred_lat,pred_lng,distance_km`` (+ ``top{k}_lat``,
+  ``top{k}_lng``, ``top{k}_prob`` when the predictor ranks alternatives), appended and fsynced batch by
+  batch, so a killed run resumes where it stopped;
+* ``skipped.csv``: ``IMG_ID,reason,detail`` for each photo that could not be used;
+* ``metrics.json``: ``n``, ``n_skipped``, ``acc_{1,25,200,750,2500}km`` (percent), ``median_km``,
+  ``mean_km``, ``geoscore``, ``acc_country``/``n_country`` and what was run on what;
+* ``results.md``: the standard table.
+
+``metrics.json`` and ``results.md`` are written atomically at the end from the whole
+``predictions.csv``, so they always describe every row done, resumed or not.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from geoloc.data.images import SkipReport
+from geoloc.data.readers import Item, ItemSource
+from geoloc.geo import haversine_km
+from geoloc.io import atomic_write_json, atomic_write_text
+from geoloc.metrics import THRESHOLDS_KM, country_accuracy, distance_metrics
+from geoloc.predictors import Prediction, Predictor
+
+BASE_COLUMNS = ["IMG_ID", "true_lat", "true_lng", "pred_lat", "pred_lng", "distance_km"]
+SKIP_COLUMNS = ["IMG_ID", "reason", "detail"]
+
+
+def _complete_lines(path: Path) -> None:
+    """Drops a partial last line left by a kill mid-write."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _done_keys(path: Path) -> set[str]:
+    if not path.exists() or path.stat().st_size == 0:
+        return set()
+    return set(pd.read_csv(path, usecols=["IMG_ID"], dtype={"IMG_ID": str})["IMG_ID"])
+
+
+def _batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _rows(batch: list[Item], pred: Prediction) -> list[list]:
+    true = np.array([it.latlng for it in batch], dtype=np.float64)  # (B, 2)
+    guess = np.asarray(pred.latlng, dtype=np.float64)  # (B, 2)
+    if guess.shape != true.shape:
+        raise ValueError(f"predictor returned latlng of shape {guess.shape} for a batch of {len(batch)}")
+    dist = haversine_km(true, guess)
+    cols = [np.array([it.key for it in batch], dtype=object)[:, None], true, guess, dist[:, None]]
+    if pred.topk_latlng is not None:
+        k = pred.topk_latlng.shape[1]
+        prob = pred.topk_prob if pred.topk_prob is not None else np.full((len(batch), k), np.nan)
+        # interleave per rank: top1_lat, top1_lng, top1_prob, top2_lat, ...
+        cols.append(np.concatenate([pred.topk_latlng, prob[:, :, None]], axis=2).reshape(len(batch), 3 * k))
+    return np.concatenate([np.asarray(c, dtype=object) for c in cols], axis=1).tolist()
+
+
+def _topk_columns(k: int) -> list[str]:
+    return [f"top{r}_{f}" for r in range(1, k + 1) for f in ("lat", "lng", "prob")]
+
+
+def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | Path, *,
+                    batch_size: int = 64, resume: bool = True, progress: bool = True,
+                    run_info: dict | None = None) -> SkipReport:
+    """Predicts every item of ``source`` not yet in ``output_dir/predictions.csv``.
+
+    Args:
+        source: the benchmark.
+        predictor: what to score.
+        output_dir: where predictions go.
+        batch_size: photos per predictor call.
+        resume: continue an earlier run in the same folder (it must be the same dataset and predictor);
+            False starts afresh.
+        progress: show a progress bar.
+        run_info: identity of the run, checked against ``run.json`` on resume.
+
+    Returns:
+        The skip report of this call (earlier runs' skips are in ``skipped.csv``).
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path, skip_path, run_path = out / "predictions.csv", out / "skipped.csv", out / "run.json"
+    info = run_info or {}
+    if resume and run_path.exists() and pred_path.exists():
+        before = json.loads(run_path.read_text())
+        if before != json.loads(json.dumps(info)):
+            raise ValueError(
+                f"{out}: holds a run of {before.get('predictor')} on {before.get('dataset')}, not "
+                f"{info.get('predictor')} on {info.get('dataset')}; use another output_dir or resume=false"
+            )
+    if not resume:
+        for p in (pred_path, skip_path):
+            p.unlink(missing_ok=True)
+    atomic_write_json(run_path, info)
+    for p in (pred_path, skip_path):
+        _complete_lines(p)
+    done = _done_keys(pred_path) | _done_keys(skip_path)
+    skipped = SkipReport()
+    total = max(len(source) - len(done), 0)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"{predictor.name} on {source.name}", unit="img", dynamic_ncols=True)
+    header_written = pred_path.exists() and pred_path.stat().st_size > 0
+    with open(pred_path, "a", newline="") as pf, open(skip_path, "a", newline="") as sf:
+        pw, sw = csv.writer(pf), csv.writer(sf)
+        if sf.tell() == 0:
+            sw.writerow(SKIP_COLUMNS)
+        n_skip_written = 0
+        for batch in _batches(source.iter_items(skipped, exclude=frozenset(done)), batch_size):
+            if predictor.needs_images and any(it.image is None for it in batch):
+                raise ValueError(f"{predictor.name} needs photos but {source.name} was read without images "
+                                 "(data.images=null?)")
+            pred = predictor.predict([it.image for it in batch], [it.key for it in batch])
+            rows = _rows(batch, pred)
+            if not header_written:
+                k = 0 if pred.topk_latlng is None else pred.topk_latlng.shape[1]
+                pw.writerow(BASE_COLUMNS + _topk_columns(k))
+                header_written = True
+            pw.writerows(rows)
+            new_skips = skipped.items[n_skip_written:]
+            sw.writerows([list(s) for s in new_skips])
+            n_skip_written = len(skipped.items)
+            for f in (pf, sf):
+                f.flush()
+                os.fsync(f.fileno())
+            if bar is not None:
+                bar.update(len(batch) + len(new_skips))
+        sw.writerows([list(s) for s in skipped.items[n_skip_written:]])
+        if bar is not None:
+            bar.update(len(skipped.items) - n_skip_written)
+            bar.close()
+    return skipped
+
+
+def score(output_dir: str | Path, *, country_of: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+    """Metrics over every row of ``output_dir/predictions.csv`` and ``skipped.csv``.
+
+    Args:
+        output_dir: a folder written by :func:`run_predictions`.
+        country_of: maps ``(N, 2)`` latlng to ``(N,)`` country codes (``""`` unknown); adds
+            ``acc_country`` and ``n_country``.
+    """
+    out = Path(output_dir)
+    pred_path = out / "predictions.csv"
+    df = (pd.read_csv(pred_path, dtype={"IMG_ID": str}) if pred_path.exists() and pred_path.stat().st_size
+          else pd.DataFrame(columns=BASE_COLUMNS))
+    skip_path = out / "skipped.csv"
+    sk = pd.read_csv(skip_path, dtype=str) if skip_path.exists() else pd.DataFrame(columns=SKIP_COLUMNS)
+    metrics = distance_metrics(df["distance_km"].to_numpy(dtype=np.float64))
+    metrics["n_skipped"] = int(len(sk))
+    metrics["skipped_by_reason"] = {str(k): int(v) for k, v in sk["reason"].value_counts().sort_index().items()}
+    if country_of is not None and len(df):
+        true = country_of(df[["true_lat", "true_lng"]].to_numpy(dtype=np.float64))
+        guess = country_of(df[["pred_lat", "pred_lng"]].to_numpy(dtype=np.float64))
+        metrics.update(country_accuracy(true, guess))
+    return metrics
+
+
+TABLE_HEADER = ("| Method | Street 1 km | City 25 km | Region 200 km | Country 750 km | Continent 2500 km "
+                "| Median km | GeoScore | n |\n|---|---|---|---|---|---|---|---|---|\n")
+
+
+def table_row(name: str, m: dict) -> str:
+    """One row of the standard table (accuracies in percent)."""
+    accs = " | ".join(f"{m[f'acc_{t}km']:.1f}" for t in THRESHOLDS_KM)
+    return f"| {name} | {accs} | {m['median_km']:.0f} | {m['geoscore']:.0f} | {m['n']} |\n"
+
+
+def results_markdown(metrics: dict) -> str:
+    """``results.md``: the standard table for one run, with what it was run on."""
+    ds = metrics["dataset"]
+    lines = [f"# {metrics['predictor']['name']} on {ds['name']}\n\n"]
+    if ds.get("synthetic"):
+        lines.append("> **SYNTHETIC DATA.** These images are generated from real geography at real photo "
+                     "locations; they are not photographs, and these numbers say nothing about real photos.\n\n")
+    lines.append(TABLE_HEADER)
+    lines.append(table_row(metrics["predictor"]["name"], metrics))
+    lines.append(f"\nAccuracy is the percentage of photos within each great-circle distance (hit: distance <= "
+                 f"threshold, Earth radius 6371.0088 km). GeoScore = mean 5000 exp(-d / 1492.7 km). "
+                 f"n = {metrics['n']} scored, {metrics['n_skipped']} skipped")
+    if metrics["n_skipped"]:
+        lines.append(f" ({', '.join(f'{k}: {v}' for k, v in metrics['skipped_by_reason'].items())})")
+    lines.append(".\n")
+    if "acc_country" in metrics:
+        lines.append(f"Country accuracy: {metrics['acc_country']:.1f}% over the {metrics['n_country']} photos "
+                     "whose true and predicted countries are both known.\n")
+    lines.append(f"\nData: `{ds['source']}`.")
+    for note in ds.get("notes", []):
+        lines.append(f"\n- {note}")
+    lines.append(f"\n\nRun: {metrics['finished_at']} on {metrics['machine']}.\n")
+    return "".join(lines)
+
+
+def evaluate(source: ItemSource, predictor: Predictor, output_dir: str | Path, *, batch_size: int = 64,
+             resume: bool = True, progress: bool = True,
+             country_of: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+    """Runs ``predictor`` on ``source``, writes predictions, metrics.json and results.md; returns metrics."""
+    out = Path(output_dir)
+    info = {"dataset": source.name, "source": getattr(source, "source", source.name),
+            "predictor": predictor.describe()}
+    started = time.perf_counter()
+    run_predictions(source, predictor, out, batch_size=batch_size, resume=resume, progress=progress,
+                    run_info=info)
+    metrics = score(out, country_of=country_of)
+    metrics["dataset"] = {"name": source.name, "source": info["source"], "synthetic": bool(source.synthetic),
+                          "notes": list(getattr(source, "notes", []))}
+    metrics["predictor"] = predictor.describe()
+    metrics["seconds"] = round(time.perf_counter() - started, 3)
+    metrics["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    metrics["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "results.md", results_markdown(metrics))
+    return metrics

@@ -1,0 +1,59 @@
+"""Combine evaluation runs into one standard table.
+
+    python -m geoloc.report OUT_A OUT_B ... --out results.md
+
+Each OUT is a folder written by ``evaluate.py`` (it reads ``OUT/metrics.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from geoloc.evaluation import TABLE_HEADER, table_row
+from geoloc.io import atomic_write_text
+
+
+def combined_table(run_dirs: list[str | Path]) -> str:
+    """Markdown: one row per run, grouped by dataset, with a synthetic-data banner where it applies."""
+    runs = []
+    for d in run_dirs:
+        path = Path(d) / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no metrics.json (run evaluate.py with output_dir={d} first)")
+        runs.append(json.loads(path.read_text()))
+    parts = []
+    for name in dict.fromkeys(r["dataset"]["name"] for r in runs):
+        group = [r for r in runs if r["dataset"]["name"] == name]
+        parts.append(f"## {name}\n\n")
+        if any(r["dataset"].get("synthetic") for r in group):
+            parts.append("> **SYNTHETIC DATA.** Generated images at real photo locations, not photographs: "
+                         "these numbers check the pipeline, they say nothing about real photos.\n\n")
+        parts.append(TABLE_HEADER)
+        for r in group:
+            parts.append(table_row(r["predictor"]["name"], {k: (float("nan") if v is None else v)
+                                                            for k, v in r.items()}))
+        skipped = {r["predictor"]["name"]: r["n_skipped"] for r in group if r["n_skipped"]}
+        if skipped:
+            parts.append(f"\nSkipped photos: {skipped}.\n")
+        parts.append("\n")
+    parts.append("Accuracy: % of photos within the distance (great circle, R = 6371.0088 km, hit if <=). "
+                 "GeoScore: mean 5000 exp(-d / 1492.7 km).\n")
+    return "".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="evaluate.py output folders")
+    parser.add_argument("--out", help="write the table here (atomically) as well as printing it")
+    args = parser.parse_args(argv)
+    text = combined_table(args.runs)
+    if args.out:
+        atomic_write_text(args.out, text)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
