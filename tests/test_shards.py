@@ -1,0 +1,394 @@
+"""Shards: writing, reading back, resuming, the training stream's node/worker split, and the command."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from geoloc.data.images import SkipReport, decode_image
+from geoloc.data.readers import GeoDataset, read_im2gps, read_latlng_csv
+from geoloc.data.shards import ShardDataset, make_webdataset, safe_key, write_shards
+from geoloc.io import to_jsonable
+from tests.conftest import REPO
+
+N_GOOD = 12
+MISSING, TRUNCATED = "photos/gone.jpg", "photos/cut.0.jpg"
+
+
+def _photo(i: int, size=(32, 24)) -> Image.Image:
+    """A smooth image (so JPEG error stays small) that differs from photo to photo."""
+    w, h = size
+    x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
+    rgb = np.stack([x * 200 + 5 * i, y * 150 + 40, (x + y) * 60 + 10 * (i % 7)], axis=-1)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def write_photo_csv(root, n_good=N_GOOD):
+    """``n_good`` photos (ids with dots, slashes, spaces, @), one missing and one truncated, as path,lat,lng."""
+    (root / "photos" / "sub").mkdir(parents=True)
+    rows = []
+    for i in range(n_good):
+        rel = [f"photos/a.{i}.jpg", f"photos/sub/b {i}@N00.png", f"photos/c_{i}.JPG"][i % 3]
+        _photo(i).save(root / rel, format="PNG" if rel.endswith(".png") else "JPEG", quality=98)
+        score = "" if i == 4 else f"{i / 3}"  # one empty cell: NaN in the table, null in the shard
+        rows.append((rel, 10 + i * 0.123456789012345, -179.5 + i * 29.87654321, f"tag{i}", score))
+        if i == 2:
+            rows.append((MISSING, 1.5, 2.5, "gone", "1"))
+        if i == 7:
+            _photo(99).save(root / TRUNCATED, format="JPEG")
+            data = (root / TRUNCATED).read_bytes()
+            (root / TRUNCATED).write_bytes(data[: len(data) // 2])
+            rows.append((TRUNCATED, -45.25, 100.125, "cut", "2"))
+    lines = ["path,lat,lng,tag,score"] + [f"{p},{la!r},{ln!r},{t},{s}" for p, la, ln, t, s in rows]
+    (root / "photos.csv").write_text("\n".join(lines) + "\n")
+    return root / "photos.csv"
+
+
+@pytest.fixture
+def photos(tmp_path):
+    return read_latlng_csv(write_photo_csv(tmp_path / "src"))
+
+
+@pytest.fixture
+def shard_dir(tmp_path, photos):
+    out = tmp_path / "shards"
+    write_shards(photos, out, split="test", max_count=5)
+    return out
+
+
+def _items(source, **kw):
+    skipped = SkipReport()
+    items = list(source.iter_items(skipped, **kw))
+    return items, skipped
+
+
+def _good_rows(ds: GeoDataset) -> pd.DataFrame:
+    return ds.table[~ds.table["key"].isin([MISSING, TRUNCATED])].reset_index(drop=True)
+
+
+def test_safe_key():
+    assert safe_key("abc_12-3") == "abc_12-3"  # already safe: unchanged
+    k = safe_key("1000269685_e60e9cdfb4_1125_78841376@N00.jpg")
+    assert k.startswith("1000269685_e60e9cdfb4_1125_78841376_N00~") and "." not in k and "/" not in k
+    assert safe_key("a.jpg") != safe_key("a.png") != safe_key("a@jpg")
+    assert len(safe_key("x" * 500 + ".jpg")) <= 80
+
+
+def test_round_trip(shard_dir, photos):
+    manifest = json.loads((shard_dir / "test-manifest.json").read_text())
+    assert manifest["n_samples"] == N_GOOD and manifest["n_skipped"] == 2
+    assert manifest["skipped"]["by_reason"] == {"missing": 1, "truncated": 1}
+    assert [s["n_samples"] for s in manifest["shards"]] == [5, 5, 2]
+    assert manifest["source"] == "photos" and manifest["synthetic"] is False
+    # nothing else in the folder: no temporaries
+    assert sorted(p.name for p in shard_dir.iterdir()) == [
+        "test-000000.tar", "test-000001.tar", "test-000002.tar", "test-manifest.json", "test-progress.jsonl"]
+    # member names: one dot (the extension), no slash; the json keeps the original id
+    with tarfile.open(shard_dir / "test-000000.tar") as tf:
+        names = tf.getnames()
+        rec = json.loads(tf.extractfile(names[1]).read())
+    assert all(n.count(".") == 1 and "/" not in n for n in names)
+    assert names[:2] == [f"{safe_key('photos/a.0.jpg')}.jpg", f"{safe_key('photos/a.0.jpg')}.json"]
+    assert rec["key"] == "photos/a.0.jpg" and rec["meta"] == {"tag": "tag0", "score": 0.0}
+
+    ds = ShardDataset(shard_dir, split="test")
+    items, skipped = _items(ds)
+    rows = _good_rows(photos)
+    assert [it.key for it in items] == list(rows["key"])
+    # coordinates: exact float round trip
+    assert [it.latlng for it in items] == list(zip(rows["lat"].tolist(), rows["lng"].tolist()))
+    # metadata, with NaN -> None
+    assert [it.meta for it in items] == to_jsonable(rows[["tag", "score"]].to_dict("records"))
+    assert items[4].meta["score"] is None
+    # pixels, within JPEG tolerance
+    for it, path in zip(items, rows["path"]):
+        a = np.asarray(decode_image(path), dtype=np.float64)
+        b = np.asarray(it.image, dtype=np.float64)
+        assert it.image.mode == "RGB" and a.shape == b.shape and np.abs(a - b).mean() < 2.0, it.key
+    # the writer's skips are reported again, so an evaluation over the shards counts them
+    assert len(ds) == N_GOOD + 2 and dict(skipped.counts) == {"missing": 1, "truncated": 1}
+    assert {k for k, *_ in skipped.items} == {MISSING, TRUNCATED}
+    assert ds.synthetic is False and ds.notes == []
+
+
+def test_max_bytes_keeps_shards_small(tmp_path, photos):
+    limit = 12 * 1024
+    m = write_shards(photos, tmp_path / "s", max_count=1000, max_bytes=limit)
+    sizes = [(tmp_path / "s" / s["name"]).stat().st_size for s in m["shards"]]
+    assert len(sizes) > 2 and sum(s["n_samples"] for s in m["shards"]) == N_GOOD
+    assert all(size <= limit for size in sizes) and sizes == [s["bytes"] for s in m["shards"]]
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class DiesAfter:
+    """An ItemSource that stops with an error after ``n`` items, like a killed job."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n = inner, n
+        self.name, self.synthetic, self.notes = inner.name, inner.synthetic, inner.notes
+
+    def __len__(self):
+        return len(self.inner)
+
+    def iter_items(self, skipped, *, exclude=frozenset()):
+        for i, item in enumerate(self.inner.iter_items(skipped, exclude=exclude)):
+            if i == self.n:
+                raise Killed(f"killed after {self.n} items")
+            yield item
+
+
+def test_resume_after_kill_equals_clean_run(tmp_path, photos):
+    clean = write_shards(photos, tmp_path / "clean", max_count=5)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        write_shards(DiesAfter(photos, 7), out, max_count=5)
+    # one finished shard under its final name; the half second one left no file; no manifest yet
+    assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar", "train-progress.jsonl"]
+    # what a harder kill leaves: a temporary, a shard renamed but not journaled, a torn journal line
+    (out / ".train-000001.tar.x1y2.tmp").write_bytes(b"half")
+    (out / "train-000001.tar").write_bytes(b"renamed before the journal line")
+    with open(out / "train-progress.jsonl", "a") as f:
+        f.write('{"shard": {"name": "train-0000')
+    again = write_shards(photos, out, max_count=5)
+    assert again["shards"] == clean["shards"]  # byte-identical shards (sha256)
+    assert again["skipped"] == clean["skipped"] and again["n_samples"] == N_GOOD
+    keys = [it.key for it in _items(ShardDataset(out, split="train"))[0]]
+    assert len(keys) == len(set(keys)) == N_GOOD
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    # a rerun over a finished folder changes nothing
+    assert write_shards(photos, out, max_count=5)["shards"] == clean["shards"]
+
+
+def test_resume_refuses_another_source_and_restarts_on_request(tmp_path, photos, shard_dir):
+    other = photos.subset(np.arange(len(photos)) < 5)
+    other.name = "other"
+    with pytest.raises(ValueError, match="resume=false"):
+        write_shards(other, shard_dir, split="test", max_count=5)
+    m = write_shards(other, shard_dir, split="test", max_count=5, resume=False)
+    assert m["n_samples"] == 4 and m["n_skipped"] == 1 and [s["name"] for s in m["shards"]] == ["test-000000.tar"]
+    assert sorted(p.name for p in shard_dir.glob("test-*.tar")) == ["test-000000.tar"]
+
+
+def test_refuses_shards_it_did_not_write(tmp_path, photos, shard_dir):
+    (shard_dir / "test-progress.jsonl").unlink()
+    with pytest.raises(ValueError, match="not recorded"):
+        write_shards(photos, shard_dir, split="test", max_count=5)
+    assert len(list(shard_dir.glob("test-*.tar"))) == 3  # untouched
+
+
+def test_every_photo_skipped(tmp_path, photos):
+    bad = photos.subset(photos.table["key"].isin([MISSING, TRUNCATED]))
+    m = write_shards(bad, tmp_path / "s", split="test")
+    assert m["n_samples"] == 0 and m["shards"] == [] and m["n_skipped"] == 2
+    ds = ShardDataset(tmp_path / "s", split="test")
+    items, skipped = _items(ds)
+    assert items == [] and len(ds) == 2 and dict(skipped.counts) == {"missing": 1, "truncated": 1}
+
+
+def test_refuses_source_without_images(tmp_path):
+    table = pd.DataFrame({"key": ["a"], "lat": [1.0], "lng": [2.0], "path": [None]})
+    with pytest.raises(ValueError, match="without images"):
+        write_shards(GeoDataset(table, name="coords", source="x.csv"), tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_shard_dataset_url_forms(shard_dir):
+    by_dir = [it.key for it in _items(ShardDataset(shard_dir, split="test", decode=False))[0]]
+    brace = ShardDataset(str(shard_dir / "test-{000000..000002}.tar"), decode=False)
+    assert [it.key for it in _items(brace)[0]] == by_dir and len(brace) == N_GOOD + 2
+    # a list of some shards: counts from the manifest, the writer's skips not attributed to a part
+    part = ShardDataset([shard_dir / "test-000000.tar", shard_dir / "test-000001.tar"])
+    items, skipped = _items(part)
+    assert len(part) == 10 and [it.key for it in items] == by_dir[:10] and len(skipped) == 0
+    items, _ = _items(ShardDataset(shard_dir, split="test", decode=False))
+    assert all(it.image is None for it in items)
+    done = set(by_dir[:3])
+    assert [it.key for it in _items(brace, exclude=done)[0]] == by_dir[3:]
+    with pytest.raises(ValueError, match="split"):
+        len(ShardDataset(shard_dir))
+    with pytest.raises(FileNotFoundError, match="test-000006.tar"):
+        len(ShardDataset(str(shard_dir / "test-{000006..000007}.tar")))
+    with pytest.raises(FileNotFoundError, match="val-NNNNNN"):
+        len(ShardDataset(shard_dir, split="val"))
+
+
+def _cut_inside_second_sample(path):
+    """Truncates a shard in the middle of its second sample's photo, as a broken copy would."""
+    with tarfile.open(path) as tf:
+        member = tf.getmembers()[2]
+    path.write_bytes(path.read_bytes()[: member.offset_data + member.size // 2])
+
+
+def test_damaged_shards_are_counted_not_fatal(shard_dir):
+    _cut_inside_second_sample(shard_dir / "test-000001.tar")
+    ds = ShardDataset(shard_dir, split="test")
+    items, skipped = _items(ds)
+    assert len(items) == N_GOOD - 4  # shard 1 kept one sample of five
+    assert skipped.counts["corrupt_shard"] == 4 and len(items) + len(skipped) == len(ds)
+    # lost samples are named by image id, from the journal
+    lost = [k for k, r, _ in skipped.items if r == "corrupt_shard"]
+    assert lost == _journal_keys(shard_dir)[1][1:]
+
+    # a hand-made shard: bad json, a photo that is not one, a sample without json
+    bad = shard_dir.parent / "bad-000000.tar"
+    with tarfile.open(bad, "w") as tf:
+        for name, data in [("k1.jpg", _jpeg(1)), ("k1.json", b"{not json"), ("k2.jpg", b"nope"),
+                           ("k2.json", json.dumps({"key": "two", "latlng": [1, 2]}).encode()),
+                           ("k3.jpg", _jpeg(3)),
+                           ("k4.jpg", _jpeg(4)), ("k4.json", json.dumps({"key": "four", "latlng": [5, 6]}).encode())]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    items, skipped = _items(ShardDataset([bad]))
+    assert [(it.key, it.latlng) for it in items] == [("four", (5.0, 6.0))]
+    assert dict(skipped.counts) == {"bad_record": 2, "unreadable": 1}
+
+
+def _journal_keys(folder, split="test"):
+    """The image ids of each shard, as the progress journal records them."""
+    records = [json.loads(line) for line in (folder / f"{split}-progress.jsonl").read_text().splitlines()[1:]]
+    return [r["keys"] for r in records if r["shard"]]
+
+
+def _jpeg(i):
+    buf = io.BytesIO()
+    _photo(i).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_stray_shard_is_an_error(shard_dir):
+    (shard_dir / "test-000003.tar").write_bytes((shard_dir / "test-000000.tar").read_bytes())
+    with pytest.raises(ValueError, match="test-000003.tar: not listed"):
+        len(ShardDataset(shard_dir, split="test"))
+
+
+def _to_tensor(img):
+    import torch
+
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
+
+
+def test_make_webdataset_yields_tensors(shard_dir, photos):
+    import torch
+
+    ds = make_webdataset(shard_dir, split="test", shuffle=8, seed=3, transform=_to_tensor)
+    out = list(ds)
+    assert len(out) == N_GOOD and ds.skip_counter.counts == {}
+    x, latlng, key = out[0]
+    assert x.shape == (3, 24, 32) and x.dtype == torch.uint8
+    assert latlng.shape == (2,) and latlng.dtype == torch.float32
+    rows = _good_rows(photos).set_index("key")
+    for _, latlng, key in out:
+        np.testing.assert_allclose(latlng.numpy(), rows.loc[key, ["lat", "lng"]].to_numpy(float), atol=1e-4)
+    assert sorted(k for *_, k in out) == sorted(rows.index)
+    assert [k for *_, k in out] == [k for *_, k in make_webdataset(shard_dir, split="test", shuffle=8, seed=3)]
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch[0].shape == (4, 3, 24, 32) and batch[1].shape == (4, 2) and len(batch[2]) == 4
+
+
+@pytest.fixture
+def eight_shards(tmp_path):
+    """16 photos in 8 shards of 2; returns the folder and the image ids of each shard."""
+    src = read_latlng_csv(write_photo_csv(tmp_path / "src16", n_good=16))
+    m = write_shards(src, tmp_path / "s8", max_count=2)
+    assert len(m["shards"]) == 8
+    return tmp_path / "s8", _journal_keys(tmp_path / "s8", "train")
+
+
+def test_make_webdataset_splits_by_node_and_worker(eight_shards, monkeypatch):
+    import torch
+
+    folder, shard_keys = eight_shards
+    for var in ("WORKER", "NUM_WORKERS"):
+        monkeypatch.delenv(var, raising=False)
+    seen = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))  # what webdataset reads before torch.distributed
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        ds = make_webdataset(folder, split="train", shuffle=4, transform=_to_tensor)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+        seen[rank] = [key for _, _, key in loader]
+    for rank in (0, 1):
+        assert len(seen[rank]) == len(set(seen[rank])) == 8  # the two workers read disjoint shards
+        assert set(seen[rank]) == {k for keys in shard_keys[rank::2] for k in keys}  # rank r: shards r, r+2, ...
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) == {k for keys in shard_keys for k in keys}
+
+
+def test_make_webdataset_uneven_split(shard_dir, monkeypatch):
+    """3 shards of 5, 5, 2 samples on 2 ranks: 7 and 5 samples unless the epoch is fixed."""
+    for var in ("WORKER", "NUM_WORKERS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    counts, fixed = [], []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        counts.append(len(list(make_webdataset(shard_dir, split="test", shuffle=0))))
+        fixed.append(len(list(make_webdataset(shard_dir, split="test", shuffle=0, epoch_size=6))))
+    assert counts == [7, 5] and fixed == [6, 6]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")  # no shard left for rank 3
+    with pytest.raises(ValueError, match="fewer shards than workers"):
+        list(make_webdataset(shard_dir, split="test"))
+
+
+def test_make_webdataset_skips_bad_samples(shard_dir):
+    _cut_inside_second_sample(shard_dir / "test-000001.tar")
+    ds = make_webdataset(shard_dir, split="test", shuffle=0)
+    with pytest.warns(UserWarning, match="skipped a shard sample"):
+        out = list(ds)
+    assert len(out) == N_GOOD - 4 and sum(ds.skip_counter.counts.values()) >= 1
+
+
+def test_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("shards", overrides=["data=csv", "data.path=x.csv", "out=o"])
+        assert cfg.split == "train" and cfg.max_count == 1000 and cfg.resume is True
+        assert cfg.data.dataset._target_ == "geoloc.data.readers.read_latlng_csv"
+        assert compose("shards", overrides=["out=o"]).split == "test"  # the sample's split
+
+
+def test_command_end_to_end(tmp_path):
+    csv = write_photo_csv(tmp_path / "src")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "geoloc.shards", "data=csv", f"data.path={csv}", "out=shards", "split=test",
+           "max_count=5"]
+    run = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {N_GOOD} samples" in run.stdout and "missing: 1, truncated: 1" in run.stdout
+    assert sorted(p.name for p in work.iterdir()) == ["shards"]  # no stray outputs/ folder
+    assert (work / "shards" / ".hydra" / "config.yaml").is_file()
+    ds = ShardDataset(work / "shards", split="test", decode=False)
+    assert len(ds) == N_GOOD + 2 and len(_items(ds)[0]) == N_GOOD
+
+
+@pytest.mark.shared_data
+def test_real_im2gps3k_photos(shared_data, tmp_path):
+    full = read_im2gps(shared_data / "im2gps3k-dev")
+    ds = full.subset(np.arange(len(full)) < 20)
+    m = write_shards(ds, tmp_path / "real", split="test", max_count=8)
+    assert m["n_samples"] + m["n_skipped"] == 20 and len(m["shards"]) == -(-m["n_samples"] // 8)
+    items, _ = _items(ShardDataset(tmp_path / "real", split="test"))
+    rows = ds.table.set_index("key")
+    for it in items[:5]:
+        src = decode_image(rows.loc[it.key, "path"])
+        assert it.image.size == src.size and it.latlng == (rows.loc[it.key, "lat"], rows.loc[it.key, "lng"])
+        assert np.abs(np.asarray(src, float) - np.asarray(it.image, float)).mean() < 3.0
+        assert it.meta["AUTHOR"] == rows.loc[it.key, "AUTHOR"]
+    assert len(list(make_webdataset(tmp_path / "real", split="test"))) == m["n_samples"]
