@@ -121,11 +121,12 @@ REFINED = -2
 class H3Table:
     """A mapping from H3 cells (any mix of resolutions, non-overlapping) to integer values.
 
-    Points are looked up geometrically, coarsest resolution first: a point's H3 cell at resolution r
-    (``latlng_to_cell``, not the index parent of a finer cell, which can lie elsewhere near edges) is
-    looked for among the stored cells of resolution r; where that cell was refined into finer stored
-    cells the search goes on at r + 1. So a stored cell's polygon contains every point it is given
-    (up to the seams where a refined cell's children, which do not tile it exactly, stick out).
+    Points are looked up coarsest resolution first, geometrically: a point's own H3 cell at the
+    coarsest stored resolution (``latlng_to_cell``, not the index parent of a finer cell, which can
+    lie elsewhere near edges) is looked for among the stored cells. Where that cell was refined into
+    finer stored cells, the search goes on through the index parents of the point's cell at the finest
+    stored resolution (one conversion instead of one per level). So a stored cell's polygon holds the
+    points it is given, except in the seams of refined cells, whose children do not tile them exactly.
 
     Args:
         cells: ``(M,)`` uint64 cells.
@@ -163,14 +164,20 @@ class H3Table:
         pts = validate_latlng(latlng, what="points") if validate else np.asarray(latlng, dtype=np.float64)
         out = np.full(len(pts), missing, dtype=np.int64)
         todo = np.arange(len(pts))
+        fine = None
         for r, (keys, vals) in self._tables.items():
             if len(todo) == 0 or len(keys) == 0:
                 continue
-            q = latlng_to_h3(pts[todo], r, validate=False)
+            if fine is None:
+                q = latlng_to_h3(pts[todo], r, validate=False)
+            else:  # inside refined cells: one conversion at the finest level, index parents above it
+                q = h3_parent(fine, r)
             pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
             hit = keys[pos] == q
             v = np.where(hit, vals[pos], missing)
             done = v != REFINED
             out[todo[done]] = v[done]
             todo = todo[~done]
+            if len(todo) and r < self.max_res:
+                fine = latlng_to_h3(pts[todo], self.max_res, validate=False) if fine is None else fine[~done]
         return out

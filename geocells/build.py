@@ -1,0 +1,674 @@
+"""Build geocells from training coordinates (PIGEON style: real borders, balanced by photo count).
+
+    python -m geocells.build points=train.csv out=cells.parquet [min_points=... max_points=... scheme=...]
+
+Schemes (one file format, one :class:`geoloc.cells.Geocells` reader):
+
+* ``semantic`` (default): start from admin-1 regions (admin-0 where a country has none); regions with
+  fewer than ``min_points`` photos merge into neighbouring regions of the same country; regions with
+  more than ``max_points`` are split by clustering their photos (weighted k-means seeds) and growing
+  contiguous, balanced groups of H3 cells from the seeds. Small pieces of a split merge back into a
+  neighbour of the same admin-1 region first.
+* ``admin``: the admin regions as they are (regions with photos), for ablations.
+* ``h3``: a plain H3 grid at ``res`` (every H3 cell with at least one photo is a class).
+
+**H3 units.** Every cell is a union of H3 cells. The land of each region is covered at resolution
+``res`` (default 5: cells of ~252 km2, ~8.5 km edge; an H3 cell belongs to the region containing its
+centre, so borders follow the admin boundaries to within an H3 cell). Where one H3 cell alone holds
+more than ``max_points`` photos (city centres) it is replaced by its children, down to ``max_res``
+(default 8, ~0.7 km2), so the count bounds can hold. An H3 cell never belongs to two regions, so a
+geocell never spans two countries. Photos whose H3 cell has its centre at sea join the nearest region.
+
+Countries with no photos get no cell (their points assign to the nearest cell); a country with fewer
+than ``min_points`` photos in all keeps one cell below the bound, and the report lists it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from geoloc.geo import latlng_to_xyz, validate_latlng, xyz_to_latlng
+from geoloc.h3index import H3Table, h3_centers, h3_neighbors, latlng_to_h3
+
+SCHEMES = ("semantic", "admin", "h3")
+
+
+@dataclass
+class BuildReport:
+    """What a build did, for the log and the benchmark."""
+
+    n_points: int = 0
+    n_cells: int = 0
+    counts_min: int = 0
+    counts_median: float = 0.0
+    counts_max: int = 0
+    countries_below_min: dict = field(default_factory=dict)
+    cells_above_max: int = 0
+    n_units: int = 0
+    n_refined_units: int = 0
+    n_regions_with_points: int = 0
+    points_at_sea_reassigned: int = 0
+    seconds: dict = field(default_factory=dict)
+
+
+def _regions_table(boundaries) -> pd.DataFrame:
+    cols = ["region_id", "adm0_a3", "iso_a2", "country", "continent", "admin1_code", "admin1_name", "level"]
+    missing = [c for c in cols if c not in boundaries.columns]
+    if missing:
+        raise ValueError(f"boundaries lack column(s) {missing}")
+    regions = pd.DataFrame(boundaries[cols]).reset_index(drop=True)
+    if not np.array_equal(regions["region_id"].to_numpy(), np.arange(len(regions))):
+        raise ValueError("boundaries: region_id must run 0..R-1 in row order")
+    return regions
+
+
+def cover_regions(boundaries, res: int) -> tuple[np.ndarray, np.ndarray]:
+    """H3 cells at ``res`` whose centre lies in each region.
+
+    Returns:
+        ``(cells, region)``: uint64 cells and the region row of each (a cell is in one region only).
+    """
+    import pyarrow as pa
+    import shapely
+    from h3ronpy.vector import wkb_to_cells
+
+    wkb = pa.array(shapely.to_wkb(np.asarray(boundaries.geometry.values)))
+    lists = pa.array(wkb_to_cells(wkb, res))
+    cells = np.asarray(lists.values, dtype=np.uint64)
+    region = np.repeat(np.arange(len(boundaries)), np.diff(np.asarray(lists.offsets)))
+    # a centre on a shared border can fall in two polygons: keep the first region
+    order = np.lexsort((region, cells))
+    cells, region = cells[order], region[order]
+    first = np.ones(len(cells), bool)
+    first[1:] = cells[1:] != cells[:-1]
+    return cells[first], region[first]
+
+
+def _nearest_region(boundaries, latlng: np.ndarray) -> np.ndarray:
+    import shapely
+
+    tree = shapely.STRtree(np.asarray(boundaries.geometry.values))
+    pts = shapely.points(latlng[:, 1], latlng[:, 0])
+    idx = tree.query_nearest(pts, all_matches=False)
+    out = np.full(len(latlng), -1, dtype=np.int64)
+    out[idx[0]] = idx[1]
+    return out
+
+
+class _Units:
+    """The H3 cells (mixed resolution, non-overlapping) that geocells are made of."""
+
+    def __init__(self, cells, region, count, xyz_sum):
+        self.cells = cells
+        self.region = region
+        self.count = count
+        self.xyz_sum = xyz_sum
+
+    def __len__(self):
+        return len(self.cells)
+
+
+def _units(pts: np.ndarray, pts_xyz: np.ndarray, cov_cells: np.ndarray, cov_region: np.ndarray,
+           res: int, max_res: int, max_points: int, boundaries, report: BuildReport) -> tuple[_Units, np.ndarray]:
+    """Coverage cells plus refinement where one H3 cell holds more than ``max_points`` photos.
+
+    Returns:
+        the units and, per point, its unit index (exactly what :class:`geoloc.cells.Geocells` assigns).
+    """
+    import h3
+
+    at_res = latlng_to_h3(pts, res, validate=False)
+    uniq, inv = np.unique(at_res, return_inverse=True)
+    pos = np.minimum(np.searchsorted(cov_cells, uniq), max(len(cov_cells) - 1, 0))
+    covered = (cov_cells[pos] == uniq) if len(cov_cells) else np.zeros(len(uniq), bool)
+    # H3 cells with photos whose centre is at sea (or in no polygon) join the nearest region
+    sea = ~covered
+    report.points_at_sea_reassigned = int(sea[inv].sum())
+    sea_region = _nearest_region(boundaries, h3_centers(uniq[sea])) if sea.any() else np.zeros(0, np.int64)
+    cells = np.concatenate([cov_cells, uniq[sea]])
+    region = np.concatenate([cov_region, sea_region])
+
+    # refine: replace crowded cells by their children, level by level; only the photos of the
+    # refined cells are located again (the lookup is coarse-first, so the others keep their cell)
+    unit_of_point, lost = _assign_units(pts, cells)
+    while True:
+        counts = np.bincount(unit_of_point, minlength=len(cells))
+        crowded = np.flatnonzero((counts > max_points) & (_res_of(cells) < max_res))
+        if len(crowded) == 0:
+            break
+        kids = np.concatenate([
+            np.array([h3.str_to_int(k) for k in h3.cell_to_children(h3.int_to_str(int(c)), int(r) + 1)], np.uint64)
+            for c, r in zip(cells[crowded], _res_of(cells[crowded]))])
+        keep = np.ones(len(cells), bool)
+        keep[crowded] = False
+        new_index = np.cumsum(keep) - 1
+        moved = np.isin(unit_of_point, crowded) | lost  # nearest-cell fallbacks may change too
+        cells = np.concatenate([cells[keep], kids])
+        region = np.concatenate([region[keep], np.repeat(region[crowded], 7)])
+        unit_of_point = new_index[unit_of_point]
+        unit_of_point[moved], lost[moved] = _assign_units(pts[moved], cells)
+        report.n_refined_units += len(kids)
+    if report.n_refined_units:  # the lookup depends on the finest stored level: assign once more, exactly
+        unit_of_point, _ = _assign_units(pts, cells)
+    count = np.bincount(unit_of_point, minlength=len(cells))
+    xyz_sum = np.stack([np.bincount(unit_of_point, weights=pts_xyz[:, k], minlength=len(cells))
+                        for k in range(3)], axis=1)
+    return _Units(cells, region, count, xyz_sum), unit_of_point
+
+
+def _assign_units(pts: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit of each point: H3 lookup, else the nearest unit centre (as Geocells.assign does).
+
+    Returns:
+        ``(unit, lost)``: unit indexes and where the nearest-centre fallback was used.
+    """
+    from scipy.spatial import cKDTree
+
+    ids = H3Table(cells, np.arange(len(cells))).lookup(pts, validate=False)
+    lost = ids < 0
+    if lost.any():
+        _, nearest = cKDTree(latlng_to_xyz(h3_centers(cells))).query(latlng_to_xyz(pts[lost]))
+        ids[lost] = nearest
+    return ids, lost
+
+
+def _res_of(cells):
+    from geoloc.h3index import h3_resolution
+
+    return h3_resolution(cells)
+
+
+class _Edges:
+    """Symmetric unit adjacency in CSR form: the neighbours of unit u are ``dst[off[u]:off[u + 1]]``."""
+
+    def __init__(self, src: np.ndarray, dst: np.ndarray, n: int):
+        key = np.sort(np.concatenate([src * n + dst, dst * n + src]))
+        key = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key
+        self.src, self.dst, self.n = key // n, key % n, n
+        self.off = np.searchsorted(self.src, np.arange(n + 1))
+
+    def within(self, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Local index pairs ``(i, j)`` of edges between members (sorted by i)."""
+        loc = np.full(self.n, -1, dtype=np.int64)
+        loc[members] = np.arange(len(members))
+        starts, ends = self.off[members], self.off[members + 1]
+        lens = ends - starts
+        idx = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
+        i = np.repeat(np.arange(len(members)), lens)
+        j = loc[self.dst[idx]]
+        keep = j >= 0
+        return i[keep], j[keep]
+
+
+def _unit_edges(units: _Units, max_res: int) -> _Edges:
+    """Units that touch (ring-1 H3 neighbours; across resolutions through centre children)."""
+    table = H3Table(units.cells, np.arange(len(units)))
+    src_all, dst_all = [], []
+    res = _res_of(units.cells)
+    for r in np.unique(res):
+        sel = np.flatnonzero(res == r)
+        s, d = h3_neighbors(units.cells[sel])
+        src_unit = sel[s]
+        dst_unit = table.lookup(h3_centers(d), validate=False)  # the unit holding the neighbour's centre
+        ok = (dst_unit >= 0) & (dst_unit != src_unit)
+        src_all.append(src_unit[ok])
+        dst_all.append(dst_unit[ok])
+    src = np.concatenate(src_all) if src_all else np.zeros(0, np.int64)
+    dst = np.concatenate(dst_all) if dst_all else np.zeros(0, np.int64)
+    return _Edges(src, dst, len(units))
+
+
+def _merge_small(group: np.ndarray, counts: np.ndarray, adj: dict[int, set[int]], key: np.ndarray,
+                 centers: np.ndarray, min_points: int) -> np.ndarray:
+    """Merges groups below ``min_points`` into a touching group with the same ``key`` (country or region).
+
+    Smallest first; the smallest touching partner wins (balanced growth); a group with no touching
+    partner merges into the nearest group of the same key; alone in its key it stays.
+
+    Args:
+        group: ``(G,)`` label of each group (starts as identity; returned relabelled by union).
+        counts: ``(G,)`` photos per group.
+        adj: touching groups.
+        key: ``(G,)`` merging is allowed only within equal keys.
+        centers: ``(G, 3)`` unit vectors for the nearest fallback.
+    """
+    n = len(counts)
+    parent = np.arange(n)
+    counts = counts.astype(np.int64).copy()
+    xyz = centers.copy()
+    adj = {i: set(adj.get(i, ())) for i in range(n)}
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    heap = [(int(counts[i]), i) for i in range(n) if counts[i] < min_points]
+    heapq.heapify(heap)
+    alive = np.ones(n, bool)
+    while heap:
+        c, i = heapq.heappop(heap)
+        if not alive[i] or counts[i] != c or counts[i] >= min_points:
+            continue
+        partners = [j for j in adj[i] if alive[j] and key[j] == key[i] and j != i]
+        if not partners:
+            same = np.flatnonzero(alive & (key == key[i]))
+            same = same[same != i]
+            if len(same) == 0:
+                continue  # alone in its country: stays below the bound (reported)
+            j = int(same[np.argmax(xyz[same] @ xyz[i])])
+        else:
+            j = min(partners, key=lambda p: (counts[p], p))
+        # merge i into j
+        parent[i] = j
+        alive[i] = False
+        w_i, w_j = max(counts[i], 1), max(counts[j], 1)
+        xyz[j] = xyz[j] * w_j + xyz[i] * w_i
+        xyz[j] /= np.linalg.norm(xyz[j]) or 1.0
+        counts[j] += counts[i]
+        adj[j] |= adj[i]
+        adj[j].discard(j)
+        adj[j].discard(i)
+        for k in adj[i]:
+            adj[k].discard(i)
+            if k != j:
+                adj[k].add(j)
+        if counts[j] < min_points:
+            heapq.heappush(heap, (int(counts[j]), j))
+    return np.array([find(i) for i in range(n)])
+
+
+def _adjacency(labels_src: np.ndarray, labels_dst: np.ndarray) -> dict[int, set[int]]:
+    """Touching labels from labelled edge ends."""
+    keep = labels_src != labels_dst
+    if not keep.any():
+        return {}
+    a, b = labels_src[keep].astype(np.int64), labels_dst[keep].astype(np.int64)
+    m = int(max(a.max(), b.max())) + 1
+    key = np.unique(a * m + b)
+    adj: dict[int, set[int]] = {}
+    for x, y in zip((key // m).tolist(), (key % m).tolist()):
+        adj.setdefault(x, set()).add(y)
+    return adj
+
+
+def _grow(unit_ids: np.ndarray, units: _Units, edges: _Edges, k: int, seed: int,
+          unit_xyz: np.ndarray) -> np.ndarray:
+    """Splits a set of units into k contiguous groups of balanced photo counts.
+
+    Seeds come from weighted k-means on the photos' mean positions; groups then grow over H3
+    adjacency, the group with the fewest photos taking its nearest free neighbour each step. Units
+    no group can reach (islands) join the nearest group.
+
+    Returns:
+        ``(len(unit_ids),)`` group index 0..k-1 per unit.
+    """
+    from sklearn.cluster import KMeans
+
+    w = units.count[unit_ids].astype(np.float64)
+    xyz = unit_xyz[unit_ids]
+    has = np.flatnonzero(w > 0)
+    km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(xyz[has], sample_weight=w[has])
+    centers = km.cluster_centers_
+    li, lj = edges.within(unit_ids)  # local adjacency, sorted by li
+    loff = np.searchsorted(li, np.arange(len(unit_ids) + 1))
+    label = np.full(len(unit_ids), -1)
+    seeds = []
+    for c in range(k):
+        order = has[np.argsort(-(xyz[has] @ centers[c]), kind="stable")]
+        s = next((int(i) for i in order if label[i] < 0), None)
+        if s is None:
+            break
+        label[s] = c
+        seeds.append(s)
+    k = len(seeds)
+    counts = np.zeros(k)
+    for c, s in enumerate(seeds):
+        counts[c] = w[s]
+    frontier: list[list[tuple[float, int]]] = [[] for _ in range(k)]
+
+    def push(c, i):
+        nb = lj[loff[i]:loff[i + 1]]
+        nb = nb[label[nb] < 0]
+        if len(nb):
+            for score, j in zip((-(xyz[nb] @ centers[c])).tolist(), nb.tolist()):
+                heapq.heappush(frontier[c], (score, j))
+
+    for c, s in enumerate(seeds):
+        push(c, s)
+    active = [(counts[c], c) for c in range(k)]
+    heapq.heapify(active)
+    while active:
+        cnt, c = heapq.heappop(active)
+        if cnt != counts[c]:
+            continue
+        while frontier[c] and label[frontier[c][0][1]] >= 0:
+            heapq.heappop(frontier[c])
+        if not frontier[c]:
+            continue  # this group is boxed in
+        _, j = heapq.heappop(frontier[c])
+        label[j] = c
+        counts[c] += w[j]
+        push(c, j)
+        heapq.heappush(active, (counts[c], c))
+    free = np.flatnonzero(label < 0)
+    if len(free):
+        centre_xyz = np.stack([xyz[label == c].mean(0) for c in range(k)])
+        label[free] = np.argmax(xyz[free] @ centre_xyz.T, axis=1)
+    return label
+
+
+def build_geocells(points, boundaries, *, scheme: str = "semantic", min_points: int = 50,
+                   max_points: int = 2000, res: int = 5, max_res: int = 10, seed: int = 0):
+    """Builds geocells.
+
+    Args:
+        points: ``(N, 2)`` ``[lat, lng]`` training coordinates (validated; errors name the row).
+        boundaries: GeoDataFrame of regions (``geocells.boundaries.load_boundaries()``).
+        scheme: ``semantic``, ``admin`` or ``h3``.
+        min_points: cells with fewer photos merge into neighbours (same country).
+        max_points: cells with more photos are split.
+        res: H3 resolution of the coverage (and of the ``h3`` scheme's grid).
+        max_res: finest H3 resolution used to split crowded cells.
+        seed: k-means seed (the build is deterministic for fixed input and settings).
+
+    Returns:
+        ``(GeoDataFrame of cells, BuildReport)``.
+    """
+    import geopandas as gpd
+
+    t0 = time.perf_counter()
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
+    if not 0 <= res <= max_res <= 15:
+        raise ValueError(f"need 0 <= res <= max_res <= 15, got res={res}, max_res={max_res}")
+    if min_points < 0 or max_points < 1 or (scheme == "semantic" and max_points < 2 * min_points):
+        raise ValueError(f"need max_points >= 2 * min_points >= 0 so split pieces can satisfy both bounds; "
+                         f"got min_points={min_points}, max_points={max_points}")
+    pts = validate_latlng(points, what="points")
+    if len(pts) == 0:
+        raise ValueError("points: empty input, geocells need training coordinates")
+    if scheme == "semantic" and len(pts) < min_points:
+        raise ValueError(f"min_points={min_points} is larger than the {len(pts)} points given: every cell "
+                         "would be below the bound; lower min_points")
+    report = BuildReport(n_points=len(pts))
+    regions = _regions_table(boundaries)
+    pts_xyz = latlng_to_xyz(pts)
+    unit_res = res if scheme != "h3" else res
+
+    t = time.perf_counter()
+    if scheme == "h3":
+        cov_cells = np.zeros(0, np.uint64)
+        cov_region = np.zeros(0, np.int64)
+    else:
+        cov_cells, cov_region = cover_regions(boundaries, res)
+    report.seconds["coverage"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    refine_to = max_res if scheme == "semantic" else unit_res
+    units, unit_of_point = _units(pts, pts_xyz, cov_cells, cov_region, unit_res, refine_to,
+                                  max_points if scheme == "semantic" else 10**18, boundaries, report)
+    report.n_units = len(units)
+    report.seconds["units"] = time.perf_counter() - t
+
+    # drop countries with no photos (their land maps to the nearest cell)
+    country_of_unit = regions["adm0_a3"].to_numpy()[units.region]
+    country_pts = pd.Series(units.count).groupby(country_of_unit).sum()
+    keep = np.asarray(country_pts.reindex(country_of_unit).to_numpy() > 0)
+    if scheme in ("admin", "h3"):
+        region_pts = np.bincount(units.region, weights=units.count, minlength=len(regions))
+        keep &= region_pts[units.region] > 0 if scheme == "admin" else units.count > 0
+    remap = np.cumsum(keep) - 1
+    units = _Units(units.cells[keep], units.region[keep], units.count[keep], units.xyz_sum[keep])
+    unit_of_point = remap[unit_of_point]
+    unit_xyz = units.xyz_sum / np.maximum(units.count, 1)[:, None]
+    empty = units.count == 0
+    unit_xyz[empty] = latlng_to_xyz(h3_centers(units.cells[empty]))
+    unit_xyz /= np.linalg.norm(unit_xyz, axis=1, keepdims=True)
+
+    t = time.perf_counter()
+    if scheme == "semantic":
+        group, edges = _semantic_groups(units, unit_xyz, regions, min_points, max_points, max_res, seed, report)
+    else:
+        edges = _unit_edges(units, max_res if scheme == "semantic" else unit_res)
+        group = np.arange(len(units)) if scheme == "h3" else np.unique(units.region, return_inverse=True)[1]
+    report.seconds["grouping"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cells = _cells_frame(units, group, unit_of_point, pts_xyz, regions, edges)
+    report.seconds["geometry"] = time.perf_counter() - t
+    counts = cells["n_points"].to_numpy()
+    report.n_cells = len(cells)
+    report.counts_min, report.counts_max = int(counts.min()), int(counts.max())
+    report.counts_median = float(np.median(counts))
+    report.cells_above_max = int((counts > max_points).sum()) if scheme == "semantic" else 0
+    small = cells[cells["n_points"] < min_points] if scheme == "semantic" else cells.iloc[:0]
+    report.countries_below_min = {str(k): int(v) for k, v in small.groupby("adm0_a3")["n_points"].sum().items()}
+    report.n_regions_with_points = int(len(np.unique(units.region[units.count > 0])))
+    report.seconds["total"] = time.perf_counter() - t0
+    report.seconds = {k: round(v, 3) for k, v in report.seconds.items()}
+    return gpd.GeoDataFrame(cells, geometry="geometry", crs="EPSG:4326"), report
+
+
+def _semantic_groups(units: _Units, unit_xyz, regions, min_points, max_points, max_res, seed, report):
+    edges = _unit_edges(units, max_res)
+    src, dst = edges.src, edges.dst
+    # 1. regions below min_points merge into touching regions of the same country
+    region_ids, unit_region = np.unique(units.region, return_inverse=True)
+    r_counts = np.bincount(unit_region, weights=units.count).astype(np.int64)
+    r_xyz = np.stack([np.bincount(unit_region, weights=unit_xyz[:, k] * np.maximum(units.count, 1))
+                      for k in range(3)], 1)
+    r_xyz /= np.linalg.norm(r_xyz, axis=1, keepdims=True)
+    country = regions["adm0_a3"].to_numpy()[region_ids]
+    merged = _merge_small(np.arange(len(region_ids)), r_counts, _adjacency(unit_region[src], unit_region[dst]),
+                          country, r_xyz, min_points)
+    group = np.unique(merged, return_inverse=True)[1][unit_region]  # per unit
+    base_region = unit_region  # admin-1 membership, for "same admin-1 first"
+
+    # 2. groups above max_points split into contiguous balanced pieces
+    out = np.full(len(units), -1)
+    next_id = 0
+    for g in range(group.max() + 1):
+        members = np.flatnonzero(group == g)
+        total = int(units.count[members].sum())
+        if total <= max_points or (units.count[members] > 0).sum() < 2:
+            out[members] = next_id
+            next_id += 1
+            continue
+        labels = _split(members, units, edges, unit_xyz, min_points, max_points, seed, base_region)
+        out[members] = labels + next_id
+        next_id += labels.max() + 1
+    return np.unique(out, return_inverse=True)[1], edges
+
+
+def _split(members, units, edges, unit_xyz, min_points, max_points, seed, base_region) -> np.ndarray:
+    """Labels 0..k-1 for the members of one over-full group, each piece within the bounds if it can be."""
+    total = int(units.count[members].sum())
+    n_nonempty = int((units.count[members] > 0).sum())
+    k = min(n_nonempty, max(2, int(np.ceil(total / (0.85 * max_points)))))
+    labels = _grow(members, units, edges, k, seed, unit_xyz)
+    # pieces still above max_points: split again (recursively)
+    final = np.full(len(members), -1)
+    next_id = 0
+    for c in range(labels.max() + 1):
+        sub = np.flatnonzero(labels == c)
+        cnt = int(units.count[members[sub]].sum())
+        if cnt > max_points and (units.count[members[sub]] > 0).sum() >= 2:
+            sub_labels = _split(members[sub], units, edges, unit_xyz, min_points, max_points, seed + 1,
+                                base_region)
+            final[sub] = sub_labels + next_id
+            next_id += sub_labels.max() + 1
+        elif len(sub):
+            final[sub] = next_id
+            next_id += 1
+    final = np.unique(final, return_inverse=True)[1]
+    # pieces below min_points merge into a touching piece: same admin-1 region first, then any
+    # touching piece of the group (a group never spans two countries)
+    counts = np.bincount(final, weights=units.count[members]).astype(np.int64)
+    piece_region = None
+    for _ in range(2):
+        if not (counts < min_points).any() or len(counts) < 2:
+            break
+        adj, xyz = _piece_adjacency(members, final, units, edges, unit_xyz)
+        if piece_region is None:  # the admin-1 region holding most of each piece's photos
+            key = np.array([np.bincount(base_region[members[final == p]],
+                                        weights=units.count[members[final == p]] + 1e-9).argmax()
+                            for p in range(len(counts))])
+            piece_region = key
+        else:
+            key = np.zeros(len(counts), dtype=np.int64)
+        merged = _merge_small(np.arange(len(counts)), counts, adj, key, xyz, min_points)
+        final = np.unique(merged, return_inverse=True)[1][final]
+        counts = np.bincount(final, weights=units.count[members]).astype(np.int64)
+    return final
+
+
+def _piece_adjacency(members, labels, units, edges: _Edges, unit_xyz):
+    """Touching pieces and their photo-weighted centres, for pieces labelled over ``members``."""
+    i, j = edges.within(members)
+    w = np.maximum(units.count[members], 1)
+    xyz = np.stack([np.bincount(labels, weights=unit_xyz[members, k] * w) for k in range(3)], 1)
+    xyz /= np.linalg.norm(xyz, axis=1, keepdims=True)
+    return _adjacency(labels[i], labels[j]), xyz
+
+
+def _cells_frame(units: _Units, group: np.ndarray, unit_of_point, pts_xyz, regions: pd.DataFrame,
+                 edges: _Edges) -> pd.DataFrame:
+    """One row per geocell, in a deterministic order, with attributes and geometry."""
+    from geocells.geometry import cells_to_geometry
+
+    n_groups = group.max() + 1
+    count = np.bincount(group, weights=units.count, minlength=n_groups).astype(np.int64)
+    # order: by country, then admin-1 code, then the smallest member H3 cell (stable across runs)
+    dom_region = np.array([0] * n_groups)
+    best = np.full(n_groups, -1.0)
+    for r in np.unique(units.region):
+        sel = units.region == r
+        w = np.bincount(group[sel], weights=units.count[sel] + 1e-6, minlength=n_groups)
+        better = w > best
+        dom_region[better] = r
+        best[better] = w[better]
+    min_cell = pd.Series(units.cells).groupby(group).min().to_numpy()
+    reg = regions.iloc[dom_region].reset_index(drop=True)
+    order = np.lexsort((min_cell, reg["admin1_code"].to_numpy(), reg["adm0_a3"].to_numpy()))
+    new_id = np.empty(n_groups, dtype=np.int64)
+    new_id[order] = np.arange(n_groups)
+    group = new_id[group]
+    count, reg = count[order], reg.iloc[order].reset_index(drop=True)
+
+    cell_of_point = group[unit_of_point]
+    xyz = np.stack([np.bincount(cell_of_point, weights=pts_xyz[:, k], minlength=n_groups) for k in range(3)], 1)
+    centroid = xyz_to_latlng(xyz)
+    members = [np.sort(units.cells[group == g]) for g in range(n_groups)]
+    # neighbours: cells whose member H3 cells touch
+    gs, gd = group[edges.src], group[edges.dst]
+    keep = gs != gd
+    nb = pd.DataFrame({"a": gs[keep], "b": gd[keep]}).drop_duplicates().sort_values(["a", "b"])
+    neighbors = nb.groupby("a")["b"].apply(lambda s: s.to_numpy(dtype=np.int32)).reindex(range(n_groups))
+    regions_of = pd.DataFrame({"g": group, "r": units.region}).drop_duplicates()
+    codes = regions["admin1_code"].to_numpy()
+    admin1_codes = regions_of.groupby("g")["r"].apply(lambda s: sorted({str(codes[r]) for r in s}))
+    frame = pd.DataFrame({
+        "cell_id": np.arange(n_groups, dtype=np.int32),
+        "n_points": count,
+        "centroid_lat": centroid[:, 0],
+        "centroid_lng": centroid[:, 1],
+        "adm0_a3": reg["adm0_a3"].to_numpy(),
+        "iso_a2": reg["iso_a2"].to_numpy(),
+        "country": reg["country"].to_numpy(),
+        "continent": reg["continent"].to_numpy(),
+        "admin1_code": reg["admin1_code"].to_numpy(),
+        "admin1_name": reg["admin1_name"].to_numpy(),
+        "admin1_codes": admin1_codes.reindex(range(n_groups)).to_list(),
+        "h3_cells": members,
+        "neighbors": [n if isinstance(n, np.ndarray) else np.zeros(0, np.int32) for n in neighbors],
+    })
+    frame["geometry"] = cells_to_geometry(members)
+    return frame
+
+
+def write_geocells(cells, path: str | Path, *, meta: dict) -> Path:
+    """Writes a geocell GeoParquet atomically with build metadata in the file's schema."""
+    import os
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from geoloc.cells import GEOCELLS_FORMAT_VERSION, METADATA_KEY
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        cells.to_parquet(tmp, index=False)
+        table = pq.read_table(tmp)
+        md = dict(table.schema.metadata or {})
+        md[METADATA_KEY] = json.dumps({"format_version": GEOCELLS_FORMAT_VERSION, **meta}).encode()
+        pq.write_table(table.replace_schema_metadata(md), tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_points(path: str | Path) -> np.ndarray:
+    """``(N, 2)`` ``[lat, lng]`` from a CSV or Parquet table with lat/lng columns.
+
+    Column names are matched case-insensitively: ``lat``/``latitude`` and ``lng``/``lon``/``longitude``
+    (so Im2GPS-style ``LAT,LON`` works). Errors name the file and the offending row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such points file")
+    if path.suffix in (".parquet", ".pq"):
+        df = pd.read_parquet(path)
+    else:
+        df = pd.read_csv(path, comment=None, low_memory=False)
+    cols = {str(c).strip().lower(): c for c in df.columns}
+    lat = next((cols[c] for c in ("lat", "latitude") if c in cols), None)
+    lng = next((cols[c] for c in ("lng", "lon", "longitude") if c in cols), None)
+    if lat is None or lng is None:
+        raise ValueError(f"{path}: needs lat and lng (or lon) columns; found {list(df.columns)[:12]}")
+    latlng = np.stack([pd.to_numeric(df[lat], errors="coerce").to_numpy(np.float64),
+                       pd.to_numeric(df[lng], errors="coerce").to_numpy(np.float64)], 1)
+    line0 = 2 if path.suffix not in (".parquet", ".pq") else 0
+    return validate_latlng(latlng, what=f"{path} (row = {'file line' if line0 else 'row index'})",
+                           row_labels=range(line0, line0 + len(latlng)))
+
+
+def _main(cfg) -> None:
+    from geocells.boundaries import load_boundaries
+
+    points = read_points(cfg.points)
+    boundaries = load_boundaries(cfg.boundaries)
+    cells, report = build_geocells(points, boundaries, scheme=cfg.scheme, min_points=cfg.min_points,
+                                   max_points=cfg.max_points, res=cfg.res, max_res=cfg.max_res, seed=cfg.seed)
+    meta = {"scheme": cfg.scheme, "min_points": cfg.min_points, "max_points": cfg.max_points, "res": cfg.res,
+            "max_res": cfg.max_res, "seed": cfg.seed, "points": str(cfg.points), "n_points": len(points),
+            "boundaries": str(cfg.boundaries or "geocells/data/admin_boundaries_v1.parquet")}
+    write_geocells(cells, cfg.out, meta=meta)
+    print(f"{report.n_cells} cells from {report.n_points} points -> {cfg.out}")
+    print(f"points per cell: min {report.counts_min}, median {report.counts_median:g}, max {report.counts_max}")
+    if report.countries_below_min:
+        print(f"countries with fewer than min_points={cfg.min_points} photos in all (one cell each, below the "
+              f"bound): {report.countries_below_min}")
+    if report.cells_above_max:
+        print(f"{report.cells_above_max} cell(s) above max_points: single H3 cells at max_res={cfg.max_res}")
+    print(f"seconds: {report.seconds}")
+
+
+if __name__ == "__main__":
+    import hydra
+
+    hydra.main(version_base="1.3", config_path="../conf", config_name="geocells")(_main)()
