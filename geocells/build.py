@@ -622,11 +622,12 @@ def write_geocells(cells, path: str | Path, *, meta: dict) -> Path:
     return path
 
 
-def read_points(path: str | Path) -> np.ndarray:
+def read_points(path: str | Path, split: str | None = None) -> np.ndarray:
     """``(N, 2)`` ``[lat, lng]`` from a CSV or Parquet table with lat/lng columns.
 
     Column names are matched case-insensitively: ``lat``/``latitude`` and ``lng``/``lon``/``longitude``
-    (so Im2GPS-style ``LAT,LON`` works). Errors name the file and the offending row.
+    (so Im2GPS-style ``LAT,LON`` works). With ``split``, only rows whose ``split`` column equals it.
+    Errors name the file and the offending row.
     """
     path = Path(path)
     if not path.is_file():
@@ -635,6 +636,12 @@ def read_points(path: str | Path) -> np.ndarray:
         df = pd.read_parquet(path)
     else:
         df = pd.read_csv(path, comment=None, low_memory=False)
+    line0 = 2 if path.suffix not in (".parquet", ".pq") else 0
+    df.index = pd.RangeIndex(line0, line0 + len(df))
+    if split is not None:
+        if "split" not in df.columns:
+            raise ValueError(f"{path}: points_split={split!r} given but the file has no 'split' column")
+        df = df[df["split"] == split]
     cols = {str(c).strip().lower(): c for c in df.columns}
     lat = next((cols[c] for c in ("lat", "latitude") if c in cols), None)
     lng = next((cols[c] for c in ("lng", "lon", "longitude") if c in cols), None)
@@ -642,20 +649,20 @@ def read_points(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: needs lat and lng (or lon) columns; found {list(df.columns)[:12]}")
     latlng = np.stack([pd.to_numeric(df[lat], errors="coerce").to_numpy(np.float64),
                        pd.to_numeric(df[lng], errors="coerce").to_numpy(np.float64)], 1)
-    line0 = 2 if path.suffix not in (".parquet", ".pq") else 0
     return validate_latlng(latlng, what=f"{path} (row = {'file line' if line0 else 'row index'})",
-                           row_labels=range(line0, line0 + len(latlng)))
+                           row_labels=list(df.index))
 
 
 def _main(cfg) -> None:
     from geocells.boundaries import load_boundaries
 
-    points = read_points(cfg.points)
+    points = read_points(cfg.points, split=cfg.points_split)
     boundaries = load_boundaries(cfg.boundaries)
     cells, report = build_geocells(points, boundaries, scheme=cfg.scheme, min_points=cfg.min_points,
                                    max_points=cfg.max_points, res=cfg.res, max_res=cfg.max_res, seed=cfg.seed)
     meta = {"scheme": cfg.scheme, "min_points": cfg.min_points, "max_points": cfg.max_points, "res": cfg.res,
-            "max_res": cfg.max_res, "seed": cfg.seed, "points": str(cfg.points), "n_points": len(points),
+            "max_res": cfg.max_res, "seed": cfg.seed, "points": str(cfg.points), "points_split": cfg.points_split,
+            "n_points": len(points),
             "boundaries": str(cfg.boundaries or "geocells/data/admin_boundaries_v1.parquet")}
     write_geocells(cells, cfg.out, meta=meta)
     print(f"{report.n_cells} cells from {report.n_points} points -> {cfg.out}")
