@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -154,3 +155,68 @@ class PriorPredictor:
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": "prior", "n_reference": len(self.reference), "seed": self.seed}
+
+
+class ModelPredictor:
+    """A trained geolocator: the centroid of the most probable geocell (retrieval refinement: issue 5).
+
+    Args:
+        ckpt: a Lightning checkpoint written by ``train.py``; the run's ``config.yaml`` (two folders up,
+            written by train.py) says how to rebuild the network.
+        cells: the geocells file; None uses the one the run was trained with.
+        topk: ranked cells reported per photo.
+        batch_size: photos per forward pass.
+        device: ``cpu`` or ``cuda``.
+        name: report name.
+    """
+
+    needs_images = True
+
+    def __init__(self, ckpt: str, *, cells: str | None = None, topk: int = 5, batch_size: int = 64,
+                 device: str = "cpu", name: str = "model"):
+        import hydra
+        import torch
+        import yaml
+
+        from geoloc.cells import Geocells
+        from geoloc.lightning.datamodule import eval_transform
+        from geoloc.models.geolocator import GeoLocator
+
+        self.name, self.topk, self.batch_size, self.device = name, topk, batch_size, device
+        self.ckpt = Path(ckpt)
+        run_cfg_path = self.ckpt.parent.parent / "config.yaml"
+        if not self.ckpt.is_file():
+            raise FileNotFoundError(f"{self.ckpt}: no such checkpoint")
+        if not run_cfg_path.is_file():
+            raise FileNotFoundError(f"{run_cfg_path}: the run's config (written by train.py) is needed to "
+                                    "rebuild the network")
+        run = yaml.safe_load(run_cfg_path.read_text())
+        self.cells_path = cells or run["cells"]
+        self.cells = Geocells.load(self.cells_path)
+        backbone_cfg = {**run["backbone"], "pretrained": False}  # weights come from the checkpoint
+        backbone = hydra.utils.instantiate(backbone_cfg)
+        location_encoder = hydra.utils.instantiate(run["model"]["location_encoder"])
+        self.net = GeoLocator(backbone, location_encoder, num_cells=len(self.cells), dropout=0.0)
+        state = torch.load(self.ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        net_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        self.net.load_state_dict(net_state)
+        self.net.eval().to(device)
+        self.transform = eval_transform(backbone.data_config)
+        self.centroids = self.cells.centroids
+
+    def predict(self, images, keys) -> Prediction:
+        import torch
+
+        probs = []
+        with torch.inference_mode():
+            for s in range(0, len(images), self.batch_size):
+                x = torch.stack([self.transform(im) for im in images[s:s + self.batch_size]]).to(self.device)
+                probs.append(self.net(x)["cell_logits"].float().softmax(-1).cpu())
+        prob = torch.cat(probs)
+        p, idx = prob.topk(min(self.topk, prob.shape[1]), dim=1)
+        idx_np = idx.numpy()
+        return Prediction(self.centroids[idx_np[:, 0]], self.centroids[idx_np], p.numpy())
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": "model", "ckpt": str(self.ckpt), "cells": str(self.cells_path),
+                "n_cells": len(self.cells), "backbone": self.net.image_encoder.name}

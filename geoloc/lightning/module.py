@@ -1,0 +1,163 @@
+"""LightningModule: glue between the geolocator, its losses and the metrics.
+
+Losses (tensor-only modules in :mod:`geoloc.losses`):
+
+* geocell classification against haversine-smoothed labels (PIGEON, tau in km);
+* image-GPS InfoNCE (GeoCLIP): each image against its own GPS and a queue of GPS negatives that are
+  re-encoded with the current location encoder every step.
+
+Logged keys: ``train/loss``, ``train/lr``, ``train/loss_cell``, ``train/loss_gps``, ``train/gps_acc``,
+``train/logit_scale``, ``val/loss_cell``, ``val/acc_{1,25,200,750,2500}km``, ``val/median_km``,
+``val/mean_km``, ``val/geoscore``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from geoloc.geo import haversine_km
+from geoloc.losses import GPSContrastiveLoss, GPSQueue, HaversineSmoothingLoss, gather_latlng
+from geoloc.metrics import distance_metrics
+from geoloc.models.geolocator import GeoLocator
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.01) -> Callable[[int], float]:
+    """Learning-rate multiplier: linear warmup, then cosine decay to ``min_ratio``."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class GeoLocModule(pl.LightningModule):
+    """Trains a :class:`GeoLocator`.
+
+    Args:
+        model: the network.
+        cell_centroids: ``[C, 2]`` geocell centroids (from the cells file).
+        optimizer: partial optimizer (``params`` missing), e.g. ``torch.optim.AdamW``.
+        tau_km: haversine smoothing temperature; 0 gives hard labels.
+        loss_weights: ``{"cell": w, "gps": w}``; a zero weight skips that loss.
+        queue_size: GPS negatives kept for the contrastive loss.
+        temperature: initial InfoNCE temperature (learnable).
+        warmup_steps: linear warmup before the cosine decay (which spans the whole run).
+    """
+
+    def __init__(self, model: GeoLocator, cell_centroids: torch.Tensor, optimizer: Callable,
+                 tau_km: float = 65.0, loss_weights: dict | None = None, queue_size: int = 4096,
+                 temperature: float = 0.07, warmup_steps: int = 100):
+        super().__init__()
+        loss_weights = {str(k): float(v) for k, v in (loss_weights or {}).items()}  # plain types only, so
+        # checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters({"tau_km": float(tau_km), "loss_weights": loss_weights,
+                                   "queue_size": int(queue_size), "temperature": float(temperature),
+                                   "warmup_steps": int(warmup_steps)})
+        self.model = model
+        self.cell_loss = HaversineSmoothingLoss(torch.as_tensor(cell_centroids, dtype=torch.float32), tau_km=tau_km)
+        self.gps_loss = GPSContrastiveLoss(init_temperature=temperature)
+        self.queue = GPSQueue(queue_size)
+        self.weights = {"cell": 1.0, "gps": 1.0, **(loss_weights or {})}
+        self.optimizer_factory = optimizer
+        self.warmup_steps = warmup_steps
+        self._val_dist: list[torch.Tensor] = []
+
+    @property
+    def centroids(self) -> torch.Tensor:
+        return self.cell_loss.cell_centroids
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(images)
+
+    def _losses(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
+        latlng = batch["latlng"]
+        losses: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=latlng.device)
+        if self.weights["cell"]:
+            cell = self.cell_loss(out["cell_logits"], latlng, cell_ids=batch.get("cell"))
+            losses["loss_cell"] = cell["loss"]
+            total = total + self.weights["cell"] * cell["loss"]
+        if self.weights["gps"]:
+            queued = self.queue.get()
+            # the whole batch of GPS and the queue are (re-)encoded with the current encoder
+            gps = self.model.encode_gps(torch.cat([latlng, queued.to(latlng)]))
+            g = self.gps_loss(out["image_emb"], gps[: len(latlng)], gps[len(latlng):] if len(queued) else None)
+            losses.update(loss_gps=g["loss"], gps_acc=g["acc"], logit_scale=g["logit_scale"])
+            total = total + self.weights["gps"] * g["loss"]
+        losses["loss"] = total
+        return losses
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch["image"])
+        losses = self._losses(batch, out)
+        bs = len(batch["latlng"])
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=bs)
+        self.log("train/loss", losses["loss"].detach(), batch_size=bs, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        if self.weights["gps"]:
+            self.queue.enqueue(gather_latlng(batch["latlng"].detach()))
+        return losses["loss"]
+
+    @torch.no_grad()
+    def predict_latlng(self, images: torch.Tensor, k: int = 5) -> dict[str, torch.Tensor]:
+        """Top cell centroid as the guess.
+
+        Returns:
+            ``latlng [B, 2]``, ``topk_cells [B, k]``, ``topk_prob [B, k]``.
+        """
+        logits = self.model(images)["cell_logits"]
+        prob = logits.float().softmax(-1)
+        p, idx = prob.topk(min(k, prob.shape[-1]), dim=-1)
+        return {"latlng": self.centroids[idx[:, 0]], "topk_cells": idx, "topk_prob": p}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.model(batch["image"])
+        bs = len(batch["latlng"])
+        if self.weights["cell"]:
+            cell = self.cell_loss(out["cell_logits"], batch["latlng"], cell_ids=batch.get("cell"))
+            self.log("val/loss_cell", cell["loss"], batch_size=bs, sync_dist=True)
+        guess = self.centroids[out["cell_logits"].argmax(-1)]
+        self._val_dist.append(haversine_km(guess.double(), batch["latlng"].double()))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_dist:
+            return
+        d = torch.cat(self._val_dist)
+        self._val_dist.clear()
+        if self.trainer.world_size > 1:  # metrics over every rank's photos (padded to equal length)
+            n = torch.tensor([len(d)], device=d.device)
+            sizes = self.all_gather(n).flatten()
+            padded = torch.full((int(sizes.max()),), float("nan"), dtype=d.dtype, device=d.device)
+            padded[: len(d)] = d
+            d = self.all_gather(padded).flatten()
+            d = d[~torch.isnan(d)]
+        m = distance_metrics(d.cpu().numpy())
+        self.log_dict({f"val/{k}": float(v) for k, v in m.items() if k != "n" and np.isfinite(v)}, sync_dist=False)
+        self.log("val/n", float(m["n"]))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the torch RNG (dropout) so that a resumed run continues exactly
+        checkpoint["geoloc_rng"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "geoloc_rng" in checkpoint:
+            torch.set_rng_state(checkpoint["geoloc_rng"])
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or name.endswith(".bias") or "logit_scale" in name else decay).append(p)
+        opt = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1000
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.warmup_steps, max(total, 1)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,132 @@
+"""Training: configs compose and build, a fast_dev_run, exact resume, and real DDP on 2 CPU processes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from geoloc.data.readers import read_sample
+from geoloc.data.sample import ensure_sample
+from geoloc.data.shards import write_shards
+
+from .conftest import REPO
+
+TINY = ["backbone=test_vit", "model.location_encoder.hidden=32", "model.location_encoder.dim=16",
+        "model.location_encoder.sigmas=[1,16]", "model.location_encoder.n_frequencies=16",
+        "model.module.queue_size=64", "num_workers=0", "batch_size=16", "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """A 240-image embedded sample and its geocells."""
+    from geocells.boundaries import load_boundaries
+    from geocells.build import build_geocells, write_geocells
+
+    root = tmp_path_factory.mktemp("sample")
+    folder = ensure_sample(root / "s", n_images=240)
+    train = read_sample(folder, split="train", n_images=240)
+    cells, _ = build_geocells(train.latlng, load_boundaries(), min_points=5, max_points=40)
+    path = write_geocells(cells, root / "cells.parquet", meta={"scheme": "semantic"})
+    return folder, path
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("backbone", ["vit_tiny_cpu", "test_vit", "vit_small", "vit_large_clip"])
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu"])
+@pytest.mark.parametrize("logger", ["csv", "wandb", "none"])
+def test_configs_compose(backbone, trainer, logger):
+    cfg = compose_train(f"backbone={backbone}", f"trainer={trainer}", f"logger={logger}", "cells=x.parquet")
+    assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+    assert cfg.backbone._target_ == "geoloc.models.image_encoder.ImageEncoder"
+    if logger == "wandb":
+        assert cfg.logger.wandb.offline is True  # offline unless the user says otherwise
+
+
+@pytest.mark.parametrize("extra", [["trainer=cpu"], ["trainer=ddp_cpu"], ["logger=wandb"], ["experiment=demo"],
+                                   ["data=shards", "data.dir=/x"]])
+def test_configs_instantiate(extra, tmp_path):
+    """Every CPU-buildable node builds: trainer, loggers, callbacks, backbone, encoder, datamodule."""
+    cfg = compose_train(*TINY, f"output_dir={tmp_path}", "cells=x.parquet", *extra)
+    hydra.utils.instantiate(cfg.backbone)
+    hydra.utils.instantiate(cfg.model.location_encoder)
+    for node in (cfg.logger or {}).values():
+        hydra.utils.instantiate(node)
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    assert trainer is not None
+    assert cfg.data.datamodule._target_ == "geoloc.lightning.datamodule.GeoDataModule"
+
+
+def test_fast_dev_run(sample, tmp_path):
+    from train import train
+
+    folder, cells = sample
+    cfg = compose_train(*TINY, "debug=fdr", f"cells={cells}", f"data.root={folder}", "data.n_images=240",
+                        f"output_dir={tmp_path}")
+    metrics, objects = train(cfg)
+    assert objects["model"].num_cells == len(objects["cells"])  # classes come from the cells file
+    assert "train/loss" in metrics and "val/median_km" in metrics
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_resume_continues_exactly(sample, tmp_path):
+    from train import train
+
+    folder, cells = sample
+    common = [*TINY, f"cells={cells}", f"data.root={folder}", "data.n_images=240", "logger=none"]
+    full_m, full = train(compose_train(*common, f"output_dir={tmp_path / 'full'}", "trainer.max_epochs=2"))
+    # "killed" after the first epoch, then started again with ckpt_path=last
+    train(compose_train(*common, f"output_dir={tmp_path / 'cut'}", "trainer.max_epochs=1"))
+    assert (tmp_path / "cut" / "checkpoints" / "last.ckpt").is_file()
+    res_m, res = train(compose_train(*common, f"output_dir={tmp_path / 'cut'}", "trainer.max_epochs=2",
+                                     "ckpt_path=last"))
+    assert res["trainer"].global_step == full["trainer"].global_step
+    a, b = _state(full["module"]), _state(res["module"])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    assert res_m["val/median_km"] == pytest.approx(full_m["val/median_km"])
+
+    # the checkpoint scores with evaluate's engine through the model predictor, agreeing with validation
+    from geoloc.evaluation import evaluate
+    from geoloc.predictors import ModelPredictor
+
+    ckpt = tmp_path / "full" / "checkpoints" / "last.ckpt"
+    assert (tmp_path / "full" / "checkpoints" / "best.ckpt").is_file()
+    pred = ModelPredictor(str(ckpt))
+    assert pred.describe()["n_cells"] == full["model"].num_cells
+    val = read_sample(folder, split="val", n_images=240)
+    m = evaluate(val, pred, tmp_path / "eval", progress=False)
+    assert m["n"] == len(val) and m["median_km"] == pytest.approx(full_m["val/median_km"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_see_disjoint_shards(sample, tmp_path):
+    folder, cells = sample
+    shards = tmp_path / "shards"
+    for split in ("train", "val"):
+        write_shards(read_sample(folder, split=split, n_images=240), shards, split=split, max_count=12)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "train.py", *TINY, "trainer=ddp_cpu", "debug=keys", "logger=none", f"cells={cells}",
+           "data=shards", f"data.dir={shards}", "trainer.max_epochs=1", f"output_dir={out}",
+           "data.datamodule.epoch_size=48"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    k0 = Path(out / "keys_rank0.txt").read_text().split()
+    k1 = Path(out / "keys_rank1.txt").read_text().split()
+    assert len(k0) == len(k1) == 48  # epoch_size keeps the ranks in step
+    assert not set(k0) & set(k1)  # each rank streams its own shards
