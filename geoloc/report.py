@@ -47,12 +47,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("runs", nargs="+", help="evaluate.py output folders")
     parser.add_argument("--out", help="write the table here (atomically) as well as printing it")
+    parser.add_argument("--require-better", nargs=2, metavar=("RUN", "BASELINE"),
+                        help="exit 1 unless RUN has a higher GeoScore and a lower median error than BASELINE")
     args = parser.parse_args(argv)
     text = combined_table(args.runs)
     if args.out:
         atomic_write_text(args.out, text)
-    else:
-        print(text, end="")
+    print(text, end="")
+    if args.require_better:
+        a, b = (json.loads((Path(d) / "metrics.json").read_text()) for d in args.require_better)
+        ok = a["geoscore"] > b["geoscore"] and a["median_km"] < b["median_km"]
+        verdict = "beats" if ok else "does NOT beat"
+        print(f"\n{a['predictor']['name']} {verdict} {b['predictor']['name']}: GeoScore {a['geoscore']:.0f} vs "
+              f"{b['geoscore']:.0f}, median {a['median_km']:.0f} vs {b['median_km']:.0f} km")
+        if not ok:
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":
