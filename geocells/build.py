@@ -597,29 +597,18 @@ def _cells_frame(units: _Units, group: np.ndarray, unit_of_point, pts_xyz, regio
 
 def write_geocells(cells, path: str | Path, *, meta: dict) -> Path:
     """Writes a geocell GeoParquet atomically with build metadata in the file's schema."""
-    import os
-    import tempfile
-
     import pyarrow.parquet as pq
 
     from geoloc.cells import GEOCELLS_FORMAT_VERSION, METADATA_KEY
+    from geoloc.io import atomic_path
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".parquet") as tmp:
         cells.to_parquet(tmp, index=False)
         table = pq.read_table(tmp)
         md = dict(table.schema.metadata or {})
         md[METADATA_KEY] = json.dumps({"format_version": GEOCELLS_FORMAT_VERSION, **meta}).encode()
         pq.write_table(table.replace_schema_metadata(md), tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def read_points(path: str | Path, split: str | None = None) -> np.ndarray:

@@ -8,11 +8,11 @@ Plate carrée (x = longitude, y = latitude, degrees). The PNG is written atomica
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from geoloc.io import atomic_path
 
 FIG_WIDTH_IN = 12.0
 """Figure width in inches; the height follows the bbox so a degree is square on the page."""
@@ -137,16 +137,8 @@ def plot_cells(cells_gdf, boundaries_gdf, out_path: str | Path, *, title: str | 
     cb.ax.xaxis.set_minor_formatter(lambda v, _: _minor_label(v, vmax / vmin))
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=".png", dir=out_path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out_path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out_path
 
 

@@ -8,7 +8,6 @@ one exists). Points in no polygon (sea, coastline simplification) get ``""``: un
 
 from __future__ import annotations
 
-import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,20 +15,13 @@ import numpy as np
 import shapely
 
 from geoloc.geo import validate_latlng
+from geoloc.io import package_path
 
 
 def default_boundaries_path() -> Path:
     """The Natural Earth countries file inside the installed ``geo-country-service`` package."""
-    spec = importlib.util.find_spec("geo_country_service")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "country lookup needs the Natural Earth countries shipped in the 'geo-country-service' "
-            "package: pip install geo-country-service (or pass a boundaries file)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "world_countries.geojson"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: expected Natural Earth countries in geo-country-service")
-    return path
+    return package_path("geo_country_service", "world_countries.geojson",
+                        purpose="country lookup (Natural Earth 10m countries)")
 
 
 class CountryLookup:

@@ -108,10 +108,10 @@ def test_mp16_gallery():
 
 
 def test_missing_package_is_named(monkeypatch):
-    real = geography.importlib.util.find_spec
-    monkeypatch.setattr(
-        geography.importlib.util, "find_spec", lambda name, *a: None if name == "geoclip" else real(name, *a)
-    )
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "geoclip" else real(name, *a))
     geography._mp16_gallery.cache_clear()
     try:
         with pytest.raises(ModuleNotFoundError, match="geoclip"):

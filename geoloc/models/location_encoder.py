@@ -20,7 +20,6 @@ Nothing is read at import or construction: the released weights are read only by
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -242,17 +241,10 @@ def geoclip_weights_path() -> Path:
         ModuleNotFoundError: ``geoclip`` is not installed.
         FileNotFoundError: it is installed but lacks the file.
     """
-    spec = importlib.util.find_spec("geoclip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "GeoCLIP's location-encoder weights come with the 'geoclip' package, which is not installed: "
-            "`pip install geoclip==1.3.0`, or pass path= to a location_encoder_weights.pth.",
-            name="geoclip",
-        )
-    path = Path(spec.submodule_search_locations[0]) / "model" / "weights" / "location_encoder_weights.pth"
-    if not path.is_file():
-        raise FileNotFoundError(f"the installed geoclip package has no {path}; is it version 1.3.0?")
-    return path
+    from geoloc.io import package_path
+
+    return package_path("geoclip", "model", "weights", "location_encoder_weights.pth",
+                        purpose="GeoCLIP's location-encoder weights (or pass path= to a .pth file)")
 
 
 def load_geoclip_weights(encoder: LocationEncoder, path: str | Path | None = None) -> LocationEncoder:
