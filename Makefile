@@ -31,7 +31,7 @@ lint: $(STAMP)
 # baselines on the held-out split with evaluate.py -> $(DEMO)/results.md. Fails if the model does not
 # beat the constant baseline.
 SAMPLE_CSV = $$($(PY) -c 'from geoloc.data.sample import default_sample_root as d; print(d() / "sample.csv")')
-EVAL_TEST  = data=shards data.dir=$(DEMO)/shards data.split=test data.reference.source=sample progress=false
+EVAL_TEST  = data=shards data.name=sample-test data.dir=$(DEMO)/shards data.split=test data.reference.source=sample progress=false
 
 demo: $(STAMP)
 	$(PY) -m geoloc.data.sample
