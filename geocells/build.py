@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from geoloc.geo import latlng_to_xyz, validate_latlng, xyz_to_latlng
-from geoloc.h3index import H3Table, h3_centers, h3_neighbors, latlng_to_h3
+from geoloc.h3index import H3Table, h3_centers, h3_neighbors, h3_resolution, latlng_to_h3
 
 SCHEMES = ("semantic", "admin", "h3")
 
@@ -140,12 +140,12 @@ def _units(pts: np.ndarray, pts_xyz: np.ndarray, cov_cells: np.ndarray, cov_regi
     unit_of_point, lost = _assign_units(pts, cells)
     while True:
         counts = np.bincount(unit_of_point, minlength=len(cells))
-        crowded = np.flatnonzero((counts > max_points) & (_res_of(cells) < max_res))
+        crowded = np.flatnonzero((counts > max_points) & (h3_resolution(cells) < max_res))
         if len(crowded) == 0:
             break
         kids = np.concatenate([
             np.array([h3.str_to_int(k) for k in h3.cell_to_children(h3.int_to_str(int(c)), int(r) + 1)], np.uint64)
-            for c, r in zip(cells[crowded], _res_of(cells[crowded]))])
+            for c, r in zip(cells[crowded], h3_resolution(cells[crowded]))])
         keep = np.ones(len(cells), bool)
         keep[crowded] = False
         new_index = np.cumsum(keep) - 1
@@ -179,12 +179,6 @@ def _assign_units(pts: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.nd
     return ids, lost
 
 
-def _res_of(cells):
-    from geoloc.h3index import h3_resolution
-
-    return h3_resolution(cells)
-
-
 class _Edges:
     """Symmetric unit adjacency in CSR form: the neighbours of unit u are ``dst[off[u]:off[u + 1]]``."""
 
@@ -207,11 +201,12 @@ class _Edges:
         return i[keep], j[keep]
 
 
-def _unit_edges(units: _Units, max_res: int) -> _Edges:
-    """Units that touch (ring-1 H3 neighbours; across resolutions through centre children)."""
+def _unit_edges(units: _Units) -> _Edges:
+    """Units that touch: each unit's ring-1 H3 neighbours, mapped to the unit holding their centres
+    (which also links units of different resolutions)."""
     table = H3Table(units.cells, np.arange(len(units)))
     src_all, dst_all = [], []
-    res = _res_of(units.cells)
+    res = h3_resolution(units.cells)
     for r in np.unique(res):
         sel = np.flatnonzero(res == r)
         s, d = h3_neighbors(units.cells[sel])
@@ -402,7 +397,6 @@ def build_geocells(points, boundaries, *, scheme: str = "semantic", min_points: 
     report = BuildReport(n_points=len(pts))
     regions = _regions_table(boundaries)
     pts_xyz = latlng_to_xyz(pts)
-    unit_res = res if scheme != "h3" else res
 
     t = time.perf_counter()
     if scheme == "h3":
@@ -413,9 +407,10 @@ def build_geocells(points, boundaries, *, scheme: str = "semantic", min_points: 
     report.seconds["coverage"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    refine_to = max_res if scheme == "semantic" else unit_res
-    units, unit_of_point = _units(pts, pts_xyz, cov_cells, cov_region, unit_res, refine_to,
-                                  max_points if scheme == "semantic" else 10**18, boundaries, report)
+    # only the semantic scheme refines crowded H3 cells; admin and h3 keep one resolution
+    refine_to = max_res if scheme == "semantic" else res
+    units, unit_of_point = _units(pts, pts_xyz, cov_cells, cov_region, res, refine_to, max_points, boundaries,
+                                  report)
     report.n_units = len(units)
     report.seconds["units"] = time.perf_counter() - t
 
@@ -436,9 +431,9 @@ def build_geocells(points, boundaries, *, scheme: str = "semantic", min_points: 
 
     t = time.perf_counter()
     if scheme == "semantic":
-        group, edges = _semantic_groups(units, unit_xyz, regions, min_points, max_points, max_res, seed, report)
+        group, edges = _semantic_groups(units, unit_xyz, regions, min_points, max_points, seed)
     else:
-        edges = _unit_edges(units, max_res if scheme == "semantic" else unit_res)
+        edges = _unit_edges(units)
         group = np.arange(len(units)) if scheme == "h3" else np.unique(units.region, return_inverse=True)[1]
     report.seconds["grouping"] = time.perf_counter() - t
 
@@ -458,8 +453,8 @@ def build_geocells(points, boundaries, *, scheme: str = "semantic", min_points: 
     return gpd.GeoDataFrame(cells, geometry="geometry", crs="EPSG:4326"), report
 
 
-def _semantic_groups(units: _Units, unit_xyz, regions, min_points, max_points, max_res, seed, report):
-    edges = _unit_edges(units, max_res)
+def _semantic_groups(units: _Units, unit_xyz, regions, min_points, max_points, seed):
+    edges = _unit_edges(units)
     src, dst = edges.src, edges.dst
     # 1. regions below min_points merge into touching regions of the same country
     region_ids, unit_region = np.unique(units.region, return_inverse=True)
