@@ -130,3 +130,16 @@ def test_ddp_two_cpu_processes_see_disjoint_shards(sample, tmp_path):
     k1 = Path(out / "keys_rank1.txt").read_text().split()
     assert len(k0) == len(k1) == 48  # epoch_size keeps the ranks in step
     assert not set(k0) & set(k1)  # each rank streams its own shards
+
+
+def test_unreadable_photos_are_dropped_from_batches(sample, tmp_path):
+    from geoloc.cells import Geocells
+    from geoloc.lightning.datamodule import Collate
+
+    _, cells = sample
+    collate = Collate(Geocells.load(cells))
+    good = (torch.zeros(3, 8, 8), torch.tensor([48.8, 2.3]), "a")
+    batch = collate([good, {"bad": "truncated", "key": "b"}])
+    assert batch["image"].shape == (1, 3, 8, 8) and batch["key"] == ["a"] and batch["cell"].shape == (1,)
+    empty = collate([{"bad": "missing", "key": "c"}])
+    assert len(empty["latlng"]) == 0 and dict(collate.skipped) == {"truncated": 1, "missing": 1}

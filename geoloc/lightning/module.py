@@ -95,7 +95,9 @@ class GeoLocModule(pl.LightningModule):
         losses["loss"] = total
         return losses
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if len(batch["latlng"]) == 0:  # every photo of the batch was unreadable (counted by the collate)
+            return None  # Lightning skips the step
         out = self.model(batch["image"])
         losses = self._losses(batch, out)
         bs = len(batch["latlng"])
@@ -119,6 +121,8 @@ class GeoLocModule(pl.LightningModule):
         return {"latlng": self.centroids[idx[:, 0]], "topk_cells": idx, "topk_prob": p}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if len(batch["latlng"]) == 0:
+            return
         out = self.model(batch["image"])
         bs = len(batch["latlng"])
         if self.weights["cell"]:
