@@ -30,11 +30,16 @@ class Prediction:
         latlng: ``(B, 2)`` predicted ``[lat, lng]`` in degrees.
         topk_latlng: optional ``(B, K, 2)`` ranked alternatives (e.g. top cells' centres).
         topk_prob: optional ``(B, K)`` their probabilities.
+        topk_cells: optional ``(B, K)`` int64 geocell ids of the alternatives (models only).
+        cell_prob: optional ``(B, C)`` float32 probability of every geocell (the classifier's softmax), for
+            the cell-level metrics (Recall-vs-Area, calibration); the predictor's ``cells`` says which cells.
     """
 
     latlng: np.ndarray
     topk_latlng: np.ndarray | None = None
     topk_prob: np.ndarray | None = None
+    topk_cells: np.ndarray | None = None
+    cell_prob: np.ndarray | None = None
 
 
 class Predictor(Protocol):

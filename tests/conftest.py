@@ -18,3 +18,40 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "im2gps3k-dev" / "im2gps3k_places365.csv").is_file():
         pytest.skip(f"real benchmark data not found at {SHARED_DATA} (set GEOLOC_SHARED_DATA)")
     return SHARED_DATA
+
+
+#: Overrides that make train.py tiny: the test ViT and a small GPS encoder.
+TINY_TRAIN = ["backbone=test_vit", "model.location_encoder.hidden=32", "model.location_encoder.dim=16",
+              "model.location_encoder.sigmas=[1,16]", "model.location_encoder.n_frequencies=16",
+              "model.module.queue_size=64", "num_workers=0", "batch_size=16", "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """A real (tiny) train.py run on a 240-image embedded sample, for everything that needs a checkpoint.
+
+    Returns ``{"sample": folder, "cells": cells.parquet, "ckpt": RUN/checkpoints/last.ckpt, "run": RUN}``.
+    Trained for 6 steps: the weights are not good, but every file a real run writes is there.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from geocells.boundaries import load_boundaries
+    from geocells.build import build_geocells, write_geocells
+    from geoloc.data.readers import read_sample
+    from geoloc.data.sample import ensure_sample
+    from train import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    folder = ensure_sample(root / "sample", n_images=240)
+    cells, _ = build_geocells(read_sample(folder, split="train", n_images=240).latlng, load_boundaries(),
+                              min_points=5, max_points=40)
+    cells_path = write_geocells(cells, root / "cells.parquet", meta={"scheme": "semantic"})
+    run = root / "run"
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            *TINY_TRAIN, f"cells={cells_path}", f"data.root={folder}", "data.n_images=240", f"output_dir={run}",
+            "trainer.max_steps=6", "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "logger=none"])
+    train(cfg)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    return {"sample": folder, "cells": Path(cells_path), "ckpt": ckpt, "run": run}
