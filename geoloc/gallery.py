@@ -58,6 +58,7 @@ class GPSGallery:
         self.fingerprint = fingerprint
         self._index = None
         self._cells_of: np.ndarray | None = None
+        self._cell_order: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.latlng)
@@ -147,6 +148,43 @@ class GPSGallery:
         if cell_of_point.shape != (len(self),):
             raise ValueError(f"need one cell per gallery point ({len(self)}), got shape {cell_of_point.shape}")
         self._cells_of = cell_of_point
+        self._cell_order = None
+
+    def _cell_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._cells_of is None:
+            raise RuntimeError("call assign_cells(geocells.assign(gallery.latlng)) before a restricted search")
+        if self._cell_order is None:
+            self._cell_order = np.argsort(self._cells_of, kind="stable")
+        return self._cell_order, self._cells_of[self._cell_order]
+
+    def score_cells(self, query: np.ndarray | torch.Tensor, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The best gallery point inside each candidate cell, per query.
+
+        Args:
+            query: ``(B, D)`` image embeddings.
+            cells: ``(B, K)`` candidate cell ids per query (e.g. the classifier's top K).
+
+        Returns:
+            ``(scores (B, K), indices (B, K))``: cosine similarity of the best gallery point in each
+            candidate cell and its gallery index; ``-inf`` and ``-1`` where a cell holds no gallery point.
+        """
+        if isinstance(query, torch.Tensor):
+            query = query.detach().float().cpu().numpy()
+        q = _normalize(query)
+        cells = np.asarray(cells, dtype=np.int64).reshape(len(q), -1)
+        order, sorted_cells = self._cell_ranges()
+        lo = np.searchsorted(sorted_cells, cells, "left")  # (B, K): each cell's run in the sorted order
+        hi = np.searchsorted(sorted_cells, cells, "right")
+        best_s = np.full(cells.shape, -np.inf, dtype=np.float32)
+        best_i = np.full(cells.shape, -1, dtype=np.int64)
+        for b in range(len(q)):  # candidates differ per query: one small matrix-vector product per cell
+            for j in range(cells.shape[1]):
+                if hi[b, j] > lo[b, j]:
+                    cand = order[lo[b, j]:hi[b, j]]
+                    sims = self.embeddings[cand] @ q[b]
+                    m = int(np.argmax(sims))
+                    best_s[b, j], best_i[b, j] = sims[m], cand[m]
+        return best_s, best_i
 
     def search_in_cells(self, query: np.ndarray | torch.Tensor, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The best gallery point inside each query's allowed cells (e.g. the classifier's top K).
@@ -159,22 +197,9 @@ class GPSGallery:
             ``(scores (B,), indices (B,))``; index -1 and score -inf where no gallery point lies in the
             allowed cells.
         """
-        if self._cells_of is None:
-            raise RuntimeError("call assign_cells(geocells.assign(gallery.latlng)) before search_in_cells")
-        if isinstance(query, torch.Tensor):
-            query = query.detach().float().cpu().numpy()
-        q = _normalize(query)
-        cells = np.asarray(cells, dtype=np.int64)
-        best_s = np.full(len(q), -np.inf, dtype=np.float32)
-        best_i = np.full(len(q), -1, dtype=np.int64)
-        order = np.argsort(self._cells_of, kind="stable")
-        sorted_cells = self._cells_of[order]
-        for b in range(len(q)):  # candidates differ per query; each is a small matrix-vector product
-            lo = np.searchsorted(sorted_cells, cells[b], "left")
-            hi = np.searchsorted(sorted_cells, cells[b], "right")
-            cand = np.concatenate([order[a:z] for a, z in zip(lo, hi)]) if len(cells[b]) else order[:0]
-            if len(cand):
-                s = self.embeddings[cand] @ q[b]
-                j = int(np.argmax(s))
-                best_s[b], best_i[b] = s[j], cand[j]
-        return best_s, best_i
+        scores, idx = self.score_cells(query, cells)
+        if scores.shape[1] == 0:
+            return np.full(len(scores), -np.inf, np.float32), np.full(len(scores), -1, np.int64)
+        j = np.argmax(scores, axis=1)
+        rows = np.arange(len(scores))
+        return scores[rows, j], idx[rows, j]

@@ -12,6 +12,7 @@ table a floor before any model exists:
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -162,66 +163,213 @@ class PriorPredictor:
         return {"name": self.name, "kind": "prior", "n_reference": len(self.reference), "seed": self.seed}
 
 
+REFINE_CHOICES = ("none", "prototypes", "gallery", "both")
+
+
+def _log_softmax_masked(scores: np.ndarray, temperature: float) -> np.ndarray | None:
+    """Row-wise ``log softmax(scores / T)`` over the finite entries.
+
+    Candidates without a score (``-inf``: no reference in that cell) get the row's lowest finite score
+    instead of being ruled out, so missing retrieval data neither vetoes nor favours a cell. Rows with
+    no finite score get zeros (no evidence either way).
+    """
+    s = np.asarray(scores, dtype=np.float64) / temperature
+    finite = np.isfinite(s)
+    if not finite.any():
+        return None
+    low = np.where(finite, s, np.inf).min(axis=1, keepdims=True)
+    s = np.where(finite, s, np.where(np.isfinite(low), low, 0.0))
+    s = s - s.max(axis=1, keepdims=True)
+    return s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+
+
 class ModelPredictor:
-    """A trained geolocator: the centroid of the most probable geocell (retrieval refinement: issue 5).
+    """A trained geolocator, with optional retrieval refinement inside its top cells.
+
+    The classifier gives a probability for every geocell. Refinement (PIGEON, GeoCLIP) reranks the
+    ``candidates`` most probable cells with retrieval scores and picks a coordinate inside the winner:
+
+    * ``refine="none"``: the most probable cell's centroid (mean of its training photos).
+    * ``"prototypes"``: each candidate cell is scored by its best location-cluster prototype (cosine
+      similarity to the image embedding, :mod:`geoloc.index`); the fused score is
+      ``w_cells * log p(cell) + w_prototypes * log softmax(score / T)`` over the candidates; the answer is
+      the coordinate of the *nearest* (most similar) reference image in the winning cell's best cluster.
+    * ``"gallery"``: each candidate cell is scored by its best GPS-gallery point (GeoCLIP: cosine
+      similarity between the image's projection and the cached location embeddings, :mod:`geoloc.gallery`),
+      fused the same way; the answer is that gallery point. ``gallery_restrict=False`` instead answers
+      the best gallery point anywhere (GeoCLIP's own prediction).
+    * ``"both"``: both terms in the fusion; the coordinate comes from the prototypes (the gallery point
+      when the winning cell has no reference image).
+
+    Without an index (``refine`` asks for prototypes but none was built) it falls back to cell
+    centroids and says so in :meth:`describe`.
 
     Args:
-        ckpt: a Lightning checkpoint written by ``train.py``; the run's ``config.yaml`` (two folders up,
-            written by train.py) says how to rebuild the network.
+        ckpt: a Lightning checkpoint written by ``train.py`` (``RUN/checkpoints/*.ckpt``).
         cells: the geocells file; None uses the one the run was trained with.
+        refine: ``none``, ``prototypes``, ``gallery`` or ``both``.
+        index: the index folder (``python -m geoloc.index``); None: ``RUN/index_v1`` when it exists.
+        gallery: the GPS-gallery cache (``.npz``); None: ``RUN/gallery_v1.npz``, built from
+            ``gallery_source`` with the run's location encoder on first use and cached.
+        gallery_source: coordinates of the gallery when it has to be built (``mp16_gallery``: the 100K
+            MP-16 coordinates shipped with geoclip; or a CSV path with lat/lng columns).
+        gallery_restrict: search the gallery only inside the candidate cells.
         topk: ranked cells reported per photo.
+        candidates: cells reranked by refinement (at least ``topk``).
+        temperature: ``T`` of the prototype scores.
+        gallery_temperature: ``T`` of the gallery scores.
+        weights: fusion weights ``{"cells", "prototypes", "gallery"}``.
         batch_size: photos per forward pass.
         device: ``cpu`` or ``cuda``.
+        compile: run the network through ``torch.compile`` (slower first batch, faster after).
         name: report name.
     """
 
     needs_images = True
 
-    def __init__(self, ckpt: str, *, cells: str | None = None, topk: int = 5, batch_size: int = 64,
-                 device: str = "cpu", name: str = "model"):
-        import hydra
+    def __init__(self, ckpt: str, *, cells: str | None = None, refine: str = "none", index: str | None = None,
+                 gallery: str | None = None, gallery_source: str = "mp16_gallery", gallery_restrict: bool = True,
+                 topk: int = 5, candidates: int = 10, temperature: float = 0.05, gallery_temperature: float = 0.05,
+                 weights: dict | None = None, batch_size: int = 64, device: str = "cpu", compile: bool = False,
+                 name: str = "model"):
         import torch
-        import yaml
 
-        from geoloc.cells import Geocells
         from geoloc.lightning.datamodule import eval_transform
-        from geoloc.models.geolocator import GeoLocator
+        from geoloc.models.loading import load_checkpoint
 
-        self.name, self.topk, self.batch_size, self.device = name, topk, batch_size, device
-        self.ckpt = Path(ckpt)
-        run_cfg_path = self.ckpt.parent.parent / "config.yaml"
-        if not self.ckpt.is_file():
-            raise FileNotFoundError(f"{self.ckpt}: no such checkpoint")
-        if not run_cfg_path.is_file():
-            raise FileNotFoundError(f"{run_cfg_path}: the run's config (written by train.py) is needed to "
-                                    "rebuild the network")
-        run = yaml.safe_load(run_cfg_path.read_text())
-        self.cells_path = cells or run["cells"]
-        self.cells = Geocells.load(self.cells_path)
-        backbone_cfg = {**run["backbone"], "pretrained": False}  # weights come from the checkpoint
-        backbone = hydra.utils.instantiate(backbone_cfg)
-        location_encoder = hydra.utils.instantiate(run["model"]["location_encoder"])
-        self.net = GeoLocator(backbone, location_encoder, num_cells=len(self.cells), dropout=0.0)
-        state = torch.load(self.ckpt, map_location="cpu", weights_only=True)["state_dict"]
-        net_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        self.net.load_state_dict(net_state)
-        self.net.eval().to(device)
-        self.transform = eval_transform(backbone.data_config)
+        if refine not in REFINE_CHOICES:
+            raise ValueError(f"refine must be one of {REFINE_CHOICES}, got {refine!r}")
+        self.name, self.topk, self.batch_size, self.device = name, int(topk), int(batch_size), device
+        self.candidates = max(int(candidates), self.topk)
+        self.temperature, self.gallery_temperature = float(temperature), float(gallery_temperature)
+        self.weights = {"cells": 1.0, "prototypes": 1.0, "gallery": 1.0, **{k: float(v) for k, v in
+                                                                          (weights or {}).items()}}
+        self.model = load_checkpoint(ckpt, cells=cells, device=device)
+        self.ckpt, self.cells, self.cells_path = self.model.ckpt, self.model.cells, self.model.cells_path
+        self.net = self.model.net
+        self._forward = torch.compile(self.net) if compile else self.net
+        self.compiled = bool(compile)
+        self.transform = eval_transform(self.model.data_config)
         self.centroids = self.cells.centroids
+        self.refine_requested = refine
+        self.index = self._load_index(index) if refine in ("prototypes", "both") else None
+        self.gallery = (self._load_gallery(gallery, gallery_source) if refine in ("gallery", "both") else None)
+        self.gallery_restrict = bool(gallery_restrict)
+        self.gallery_source = gallery_source
+        use_p, use_g = self.index is not None, self.gallery is not None
+        self.refine = {(False, False): "none", (True, False): "prototypes", (False, True): "gallery",
+                       (True, True): "both"}[(use_p, use_g)]
 
-    def predict(self, images, keys) -> Prediction:
+    def _load_index(self, index: str | None):
+        from geoloc.index import RetrievalIndex, default_index_dir
+
+        folder = Path(index) if index else default_index_dir(self.ckpt)
+        if not folder.exists():
+            if index:
+                raise FileNotFoundError(f"{folder}: no retrieval index (python -m geoloc.index ckpt=... builds one)")
+            warnings.warn(f"refine asks for prototypes but {folder} does not exist (python -m geoloc.index "
+                          f"ckpt={self.ckpt} builds it): falling back to cell centroids", stacklevel=3)
+            return None
+        self.index_path = folder
+        return RetrievalIndex.load(folder, net=self.net)
+
+    def _load_gallery(self, gallery: str | None, source: str):
+        from geoloc.gallery import GPSGallery
+
+        path = Path(gallery) if gallery else self.ckpt.parent.parent / "gallery_v1.npz"
+        enc = self.net.location_encoder
+        if path.is_file():
+            g = GPSGallery.load(path, encoder=enc)
+        elif gallery:
+            raise FileNotFoundError(f"{path}: no gallery cache (None builds RUN/gallery_v1.npz on first use)")
+        else:
+            from geoloc.data.readers import load_reference_latlng
+
+            latlng = (load_reference_latlng("mp16_gallery") if source == "mp16_gallery"
+                      else load_reference_latlng("csv", csv=source))
+            g = GPSGallery.build(enc, latlng)
+            g.save(path)
+        g.assign_cells(self.cells.assign(g.latlng))
+        self.gallery_path = path
+        return g
+
+    def forward(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
+        """The network on a list of photos.
+
+        Returns:
+            ``cell_prob (B, C)`` float32, ``features (B, D)`` and ``image_emb (B, E)`` (unnormalized).
+        """
         import torch
 
-        probs = []
+        outs = []
         with torch.inference_mode():
             for s in range(0, len(images), self.batch_size):
                 x = torch.stack([self.transform(im) for im in images[s:s + self.batch_size]]).to(self.device)
-                probs.append(self.net(x)["cell_logits"].float().softmax(-1).cpu())
-        prob = torch.cat(probs)
-        p, idx = prob.topk(min(self.topk, prob.shape[1]), dim=1)
-        idx_np = idx.numpy()
-        return Prediction(self.centroids[idx_np[:, 0]], self.centroids[idx_np], p.numpy())
+                o = self._forward(x)
+                outs.append({"cell_prob": o["cell_logits"].float().softmax(-1).cpu(),
+                             "features": o["features"].float().cpu(), "image_emb": o["image_emb"].float().cpu()})
+        return {k: torch.cat([o[k] for o in outs]).numpy() for k in ("cell_prob", "features", "image_emb")}
+
+    def refine_batch(self, out: dict[str, np.ndarray]) -> Prediction:
+        """Cell ranking, retrieval refinement and the final coordinate from :meth:`forward`'s outputs."""
+        prob = out["cell_prob"]
+        n, k = len(prob), min(self.candidates, prob.shape[1])
+        cand = np.argpartition(-prob, k - 1, axis=1)[:, :k] if k < prob.shape[1] else np.tile(
+            np.arange(prob.shape[1]), (n, 1))
+        p_cand = np.take_along_axis(prob, cand, axis=1)
+        order = np.argsort(-p_cand, axis=1, kind="stable")
+        cand, p_cand = np.take_along_axis(cand, order, axis=1), np.take_along_axis(p_cand, order, axis=1)
+        fused = self.weights["cells"] * np.log(np.maximum(p_cand, 1e-12))
+        best_cluster = gallery_idx = None
+        if self.index is not None:
+            q = out[self.index.meta.get("embedding", "features")]
+            proto_s, best_cluster = self.index.score_cells(q, cand)
+            term = _log_softmax_masked(proto_s, self.temperature)
+            if term is not None:
+                fused = fused + self.weights["prototypes"] * term
+        if self.gallery is not None:
+            gal_s, gallery_idx = self.gallery.score_cells(out["image_emb"], cand)
+            term = _log_softmax_masked(gal_s, self.gallery_temperature)
+            if term is not None:
+                fused = fused + self.weights["gallery"] * term
+        # fused probabilities over the candidates, on the scale of the classifier's (same total mass)
+        post = np.exp(fused - fused.max(axis=1, keepdims=True))
+        post = post / post.sum(axis=1, keepdims=True) * p_cand.sum(axis=1, keepdims=True)
+        rank = np.argsort(-post, axis=1, kind="stable")
+        cand, post = np.take_along_axis(cand, rank, axis=1), np.take_along_axis(post, rank, axis=1)
+        rows = np.arange(n)
+        latlng = self.centroids[cand[:, 0]].copy()
+        if self.gallery is not None:
+            if self.gallery_restrict:
+                g = np.take_along_axis(gallery_idx, rank, axis=1)[:, 0]
+            else:
+                g = self.gallery.search(out["image_emb"], k=1)[1][:, 0]
+            ok = g >= 0
+            latlng[ok] = self.gallery.latlng[g[ok]]
+        if best_cluster is not None:
+            cl = np.take_along_axis(best_cluster, rank, axis=1)[:, 0]
+            q = out[self.index.meta.get("embedding", "features")]
+            ref_latlng, _ = self.index.nearest_in_cluster(q, cl)
+            ok = (cl >= 0) & np.isfinite(ref_latlng).all(axis=1)
+            latlng[ok] = ref_latlng[ok]
+        t = min(self.topk, k)
+        return Prediction(latlng[rows], self.centroids[cand[:, :t]], post[:, :t].astype(np.float64),
+                          cand[:, :t].astype(np.int64), prob.astype(np.float32))
+
+    def predict(self, images, keys) -> Prediction:
+        return self.refine_batch(self.forward(images))
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": "model", "ckpt": str(self.ckpt), "cells": str(self.cells_path),
-                "n_cells": len(self.cells), "backbone": self.net.image_encoder.name}
+        d = {"name": self.name, "kind": "model", "ckpt": str(self.ckpt), "cells": str(self.cells_path),
+             "n_cells": len(self.cells), "backbone": self.net.image_encoder.name, "refine": self.refine,
+             "topk": self.topk}
+        if self.refine_requested != self.refine:
+            d["refine_requested"] = self.refine_requested
+        if self.refine != "none":
+            d.update(candidates=self.candidates, weights=self.weights)
+        if self.index is not None:
+            d.update(index=str(self.index_path), temperature=self.temperature)
+        if self.gallery is not None:
+            d.update(gallery=str(self.gallery_path), gallery_n=len(self.gallery),
+                     gallery_temperature=self.gallery_temperature, gallery_restrict=self.gallery_restrict)
+        return d

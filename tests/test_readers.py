@@ -164,3 +164,31 @@ def test_real_yfcc4k_and_im2gps_metadata(shared_data):
     assert (np.abs(y.latlng[:, 0]) <= 90).all()
     g = read_im2gps(shared_data / "coords", csv="im2gps_places365.csv", images=None, name="im2gps")
     assert len(g) == 237
+
+
+def test_photographer_folds_are_disjoint_and_balanced():
+    from geoloc.data.readers import photographer_folds
+
+    authors = ["a"] * 50 + ["b"] * 30 + ["c"] * 20 + [f"x{i}" for i in range(40)] + ["", None]
+    folds = photographer_folds(authors, 3, seed=1)
+    assert folds.shape == (len(authors),)
+    for name in ("a", "b", "c"):  # one photographer, one fold
+        assert len({f for f, a in zip(folds, authors) if a == name}) == 1
+    counts = np.bincount(folds, minlength=3)
+    assert sorted(counts) == [46, 46, 50]  # "a" (50) alone; the other 92 photos split evenly
+    assert np.array_equal(folds, photographer_folds(authors, 3, seed=1))  # deterministic
+    with pytest.raises(ValueError, match="n_folds"):
+        photographer_folds(authors, 1)
+
+
+def test_read_im2gps_folds(shared_data):
+    from geoloc.data.readers import read_im2gps
+
+    root = shared_data / "im2gps3k-dev"
+    parts = [read_im2gps(root, folds=5, fold=k) for k in range(5)]
+    assert sum(len(p) for p in parts) == len(read_im2gps(root))
+    authors = [set(p.table["AUTHOR"]) for p in parts]
+    assert all(not (authors[i] & authors[j]) for i in range(5) for j in range(i + 1, 5))
+    assert len(read_im2gps(root, folds=5, fold=[0, 1])) == len(parts[0]) + len(parts[1])
+    with pytest.raises(ValueError, match="fold"):
+        read_im2gps(root, folds=5)
