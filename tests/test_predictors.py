@@ -1,0 +1,109 @@
+"""ModelPredictor: cell ranking, retrieval refinement (prototypes, gallery) and its fall-backs."""
+
+import numpy as np
+import pytest
+
+from geoloc.predictors import ModelPredictor, _log_softmax_masked
+
+
+def test_log_softmax_masked_golden():
+    s = np.array([[1.0, 0.0, -np.inf], [-np.inf, -np.inf, -np.inf]])
+    out = _log_softmax_masked(s, 0.5)
+    # row 0: scores / T = [2, 0, 0 (the row's lowest finite score stands in for -inf)]
+    z = np.log(np.exp(2) + 2)
+    assert np.allclose(out[0], [2 - z, -z, -z])
+    assert np.allclose(out[1], -np.log(3))  # no evidence: uniform
+    assert _log_softmax_masked(np.full((2, 3), -np.inf), 1.0) is None  # no scores at all: no term
+
+
+def test_model_predictor_without_refinement(tiny_run):
+    from geoloc.data.readers import read_sample
+    from geoloc.data.images import SkipReport
+
+    pred = ModelPredictor(str(tiny_run["ckpt"]), topk=3)
+    items = list(read_sample(tiny_run["sample"], split="test", n_images=240).iter_items(SkipReport()))[:7]
+    out = pred.predict([it.image for it in items], [it.key for it in items])
+    C = len(pred.cells)
+    assert out.cell_prob.shape == (7, C) and np.allclose(out.cell_prob.sum(1), 1, atol=1e-5)
+    top = np.argsort(-out.cell_prob, axis=1, kind="stable")[:, :3]
+    assert np.array_equal(np.sort(out.topk_cells, 1), np.sort(top, 1))
+    assert np.allclose(out.topk_prob, np.take_along_axis(out.cell_prob, out.topk_cells, 1), atol=1e-6)
+    assert np.allclose(out.latlng, pred.centroids[out.topk_cells[:, 0]])
+    assert pred.describe()["refine"] == "none"
+
+
+class _Index:
+    """A stand-in RetrievalIndex: one prototype per cell, its score and its coordinate are given."""
+
+    def __init__(self, score_of_cell: dict, latlng_of_cell: dict):
+        self.meta = {"embedding": "features"}
+        self.score_of_cell, self.latlng_of_cell = score_of_cell, latlng_of_cell
+
+    def score_cells(self, q, cand):
+        s = np.array([[self.score_of_cell.get(int(c), -np.inf) for c in row] for row in cand], np.float32)
+        cl = np.array([[int(c) if int(c) in self.score_of_cell else -1 for c in row] for row in cand])
+        return s, cl
+
+    def nearest_in_cluster(self, q, cluster):
+        ll = np.array([self.latlng_of_cell.get(int(c), (np.nan, np.nan)) for c in cluster], np.float64)
+        return ll, np.where(cluster >= 0, 0, -1)
+
+
+def _outputs(prob):
+    prob = np.asarray(prob, np.float32)
+    return {"cell_prob": prob, "features": np.ones((len(prob), 4), np.float32),
+            "image_emb": np.ones((len(prob), 4), np.float32)}
+
+
+def test_prototype_refinement_fuses_and_returns_the_nearest_reference(tiny_run):
+    pred = ModelPredictor(str(tiny_run["ckpt"]), topk=2, candidates=3, temperature=0.1)
+    C = len(pred.cells)
+    prob = np.full((1, C), 0.1 / (C - 3))
+    prob[0, :3] = [0.5, 0.3, 0.1]  # cell 0 is the classifier's choice
+    pred.index = _Index({0: 0.0, 1: 0.9, 2: 0.2}, {1: (10.0, 20.0), 0: (1.0, 2.0)})
+    out = pred.refine_batch(_outputs(prob))
+    # fused: log p + log softmax(s / 0.1): cell 1 wins (log .3 + 9 > log .5 + 0)
+    assert out.topk_cells[0, 0] == 1
+    assert np.allclose(out.latlng[0], [10.0, 20.0])  # the reference image's coordinate, not the centroid
+    # fused probabilities keep the candidates' total mass (0.9), so they read on the classifier's scale
+    assert out.topk_prob[0].sum() < prob[0, :3].sum() + 1e-6 and out.topk_prob[0, 0] > 0.5
+    assert out.topk_prob[0, 0] > out.topk_prob[0, 1]
+    # weak retrieval evidence leaves the classifier's choice alone
+    pred.index = _Index({0: 0.0, 1: 0.01, 2: 0.0}, {1: (10.0, 20.0), 0: (1.0, 2.0)})
+    out = pred.refine_batch(_outputs(prob))
+    assert out.topk_cells[0, 0] == 0 and np.allclose(out.latlng[0], [1.0, 2.0])
+    # a winning cell without references keeps its centroid
+    pred.index = _Index({1: -1.0, 2: -1.0}, {})
+    out = pred.refine_batch(_outputs(prob))
+    assert out.topk_cells[0, 0] == 0 and np.allclose(out.latlng[0], pred.centroids[0])
+
+
+def test_gallery_refinement_answers_a_gallery_point_in_the_chosen_cell(tiny_run, tmp_path):
+    from geoloc.data.readers import read_sample
+
+    ref = read_sample(tiny_run["sample"], split="train", n_images=240).latlng
+    csv = tmp_path / "gallery.csv"
+    np.savetxt(csv, ref, delimiter=",", header="lat,lng", comments="")
+    gal = tmp_path / "g.npz"
+    pred = ModelPredictor(str(tiny_run["ckpt"]), refine="gallery", gallery=None, gallery_source=str(csv), topk=3)
+    assert pred.refine == "gallery" and pred.gallery_path.is_file()  # built once and cached next to the run
+    pred.gallery_path.rename(gal)
+    pred = ModelPredictor(str(tiny_run["ckpt"]), refine="gallery", gallery=str(gal), topk=3)
+    rng = np.random.default_rng(0)
+    prob = rng.dirichlet(np.ones(len(pred.cells)), size=5).astype(np.float32)
+    out = pred.refine_batch({"cell_prob": prob, "features": rng.normal(size=(5, 8)).astype(np.float32),
+                             "image_emb": rng.normal(size=(5, pred.net.location_encoder.out_features))})
+    chosen = out.topk_cells[:, 0]
+    assert np.array_equal(pred.cells.assign(out.latlng), chosen)  # the answer lies in the chosen cell
+    g = [np.flatnonzero(np.all(np.isclose(pred.gallery.latlng, ll), axis=1)) for ll in out.latlng]
+    assert all(len(i) for i in g)  # and is a gallery point
+
+
+def test_missing_index_falls_back_or_fails_clearly(tiny_run, tmp_path):
+    with pytest.warns(UserWarning, match="falling back to cell centroids"):
+        pred = ModelPredictor(str(tiny_run["ckpt"]), refine="prototypes")
+    assert pred.refine == "none" and pred.describe()["refine_requested"] == "prototypes"
+    with pytest.raises(FileNotFoundError, match="no retrieval index"):
+        ModelPredictor(str(tiny_run["ckpt"]), refine="prototypes", index=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="refine must be one of"):
+        ModelPredictor(str(tiny_run["ckpt"]), refine="magic")
