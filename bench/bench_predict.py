@@ -1,0 +1,147 @@
+"""Predict throughput end to end against the bare timm forward of the same backbone and batch.
+
+    .venv/bin/python bench/bench_predict.py [--backbone vit_small] [--batch 32] [--repeats 3]
+
+End to end means what ``evaluate.py`` and ``geoloc-predict`` do per batch: decode the JPEG files,
+preprocess (timm's eval transform), the image encoder, the cell head, softmax, top-K and the
+refinement (``none``, ``prototypes`` with an index of reference images, ``gallery`` with the 100K MP-16
+GPS gallery, cached). The bare reference is ``timm.create_model(name, num_classes=0)`` on an already
+preprocessed float batch: no decoding, no head. Target: end to end >= 0.8x the bare forward. Both run
+with random weights (nothing can be downloaded here); speed does not depend on the weights. Timings
+alternate between the two sides in each repeat and the median is kept (the machine is shared).
+
+Photos: the real Im2GPS3k dev photos in ../shared/data when present (JPEG, short side <= 256 px),
+else the embedded sample. Writes bench/results/predict.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = Path(os.environ.get("GEOLOC_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _photos(n: int) -> list[Path]:
+    folder = SHARED / "im2gps3k-dev" / "images"
+    if folder.is_dir():
+        return sorted(folder.glob("*.jpg"))[:n]
+    from geoloc.data.readers import read_sample
+
+    return [Path(p) for p in read_sample(split="test").table["path"][:n]]
+
+
+def _fake_run(tmp: Path, backbone: str) -> tuple[Path, object]:
+    """A train.py-shaped run folder (config.yaml + checkpoint) with random weights."""
+    import hydra
+
+    from geocells.boundaries import load_boundaries
+    from geocells.build import build_geocells, write_geocells
+    from geoloc.cells import Geocells
+    from geoloc.data.readers import read_sample
+    from geoloc.models.geolocator import GeoLocator
+
+    cells_gdf, _ = build_geocells(read_sample(split="train").latlng, load_boundaries(), min_points=25,
+                                  max_points=200)
+    cells_path = write_geocells(cells_gdf, tmp / "cells.parquet", meta={"scheme": "semantic"})
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"backbone={backbone}", "backbone.pretrained=false",
+                                                      f"cells={cells_path}", f"output_dir={tmp / 'run'}"])
+    net = GeoLocator(hydra.utils.instantiate(cfg.backbone), hydra.utils.instantiate(cfg.model.location_encoder),
+                     num_cells=len(Geocells.load(cells_path)))
+    (tmp / "run" / "checkpoints").mkdir(parents=True)
+    (tmp / "run" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}, ckpt)
+    return ckpt, cfg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backbone", default="vit_small")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--references", type=int, default=256, help="reference photos in the prototype index")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    import timm
+
+    from geoloc.data.images import SkipReport, decode_image
+    from geoloc.data.readers import read_sample
+    from geoloc.predictors import ModelPredictor
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_predict."))
+    ckpt, cfg = _fake_run(tmp, args.backbone)
+    paths = _photos(args.batch)
+    name = cfg.backbone.name
+    bare = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    predictors = {"none": ModelPredictor(str(ckpt), batch_size=args.batch)}
+    x = torch.stack([predictors["none"].transform(decode_image(p)) for p in paths])
+    try:
+        from geoloc.index import RetrievalIndex
+
+        net = predictors["none"].net
+        refs = read_sample(split="train")
+        refs = refs.subset(np.arange(len(refs)) < args.references)
+        t = time.perf_counter()
+        index, _ = RetrievalIndex.build(net, refs, predictors["none"].cells, predictors["none"].transform,
+                                        batch_size=args.batch)
+        index_build_s = time.perf_counter() - t
+        index.save(tmp / "run" / "index_v1")
+        predictors["prototypes"] = ModelPredictor(str(ckpt), refine="prototypes", batch_size=args.batch)
+    except ImportError:
+        index_build_s = None
+    predictors["gallery"] = ModelPredictor(str(ckpt), refine="gallery", batch_size=args.batch)
+
+    def time_bare() -> float:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            bare(x)
+            return time.perf_counter() - t
+
+    def time_e2e(pred) -> float:
+        t = time.perf_counter()
+        images = [decode_image(p) for p in paths]
+        pred.predict(images, [p.name for p in paths])
+        return time.perf_counter() - t
+
+    time_bare()
+    for p in predictors.values():
+        time_e2e(p)  # warm-up
+    times: dict[str, list[float]] = {"bare": [], **{k: [] for k in predictors}}
+    for _ in range(args.repeats):
+        times["bare"].append(time_bare())
+        for k, p in predictors.items():
+            times[k].append(time_e2e(p))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "backbone": name, "batch": args.batch, "photos": str(paths[0].parent), "repeats": args.repeats,
+        "images_per_s": {k: round(args.batch / v, 2) for k, v in med.items()},
+        "ratio_vs_bare": {k: round(med["bare"] / v, 3) for k, v in med.items() if k != "bare"},
+        "target_ratio": 0.8, "index_references": args.references if index_build_s is not None else None,
+        "index_build_s": None if index_build_s is None else round(index_build_s, 2),
+        "gallery_size": len(predictors["gallery"].gallery),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    print(yaml.safe_dump(result, sort_keys=False))
+    from geoloc.io import atomic_write_json
+
+    atomic_write_json(HERE / "results" / "predict.json", result)
+
+
+if __name__ == "__main__":
+    main()
