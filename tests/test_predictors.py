@@ -107,3 +107,21 @@ def test_missing_index_falls_back_or_fails_clearly(tiny_run, tmp_path):
         ModelPredictor(str(tiny_run["ckpt"]), refine="prototypes", index=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="refine must be one of"):
         ModelPredictor(str(tiny_run["ckpt"]), refine="magic")
+
+
+def test_prototype_refinement_end_to_end_with_a_built_index(tiny_run, tmp_path):
+    from geoloc.data.images import SkipReport
+    from geoloc.data.readers import read_sample
+    from geoloc.index import RetrievalIndex
+
+    base = ModelPredictor(str(tiny_run["ckpt"]))
+    refs = read_sample(tiny_run["sample"], split="train", n_images=240)
+    index, _ = RetrievalIndex.build(base.net, refs, base.cells, base.transform)
+    index.save(tmp_path / "index_v1")
+    pred = ModelPredictor(str(tiny_run["ckpt"]), refine="prototypes", index=str(tmp_path / "index_v1"))
+    assert pred.describe()["refine"] == "prototypes"
+    items = list(read_sample(tiny_run["sample"], split="test", n_images=240).iter_items(SkipReport()))[:10]
+    out = pred.predict([it.image for it in items], [it.key for it in items])
+    has_refs = np.isin(out.topk_cells[:, 0], index.cluster_cell)
+    for ll, ok in zip(out.latlng, has_refs):  # answers are training-photo coordinates where refs exist
+        assert not ok or np.isclose(index.ref_latlng, ll).all(axis=1).any()
