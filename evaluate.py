@@ -4,9 +4,11 @@
     python evaluate.py data=yfcc4k data.root=DIR data.images=null predictor=prior
     python evaluate.py data=sample predictor=constant          # the embedded synthetic sample
     python evaluate.py data=shards data.dir=SHARDS data.split=test
+    python evaluate.py data=im2gps3k data.root=DIR predictor=model ckpt=RUN/checkpoints/best.ckpt refine=prototypes
 
 Writes OUT/predictions.csv (as it goes; rerun the same command to resume), OUT/skipped.csv,
-OUT/metrics.json and OUT/results.md. See geoloc/evaluation.py for the formats.
+OUT/metrics.json, OUT/results.md and the figures (error_cdf.png, error_map.png, and for models
+reliability.png and recall_area.png). See geoloc/evaluation.py for the formats.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from geoloc.countries import default_country_lookup
+from geoloc.countries import default_admin_lookup
 from geoloc.evaluation import evaluate
 
 
@@ -22,11 +24,11 @@ def main(cfg: DictConfig) -> dict:
     """Builds the dataset and predictor from the config and evaluates; returns the metrics."""
     source = hydra.utils.instantiate(cfg.data.dataset)
     predictor = hydra.utils.instantiate(cfg.predictor)
-    country_of = default_country_lookup() if cfg.country else None
+    admin_of = default_admin_lookup() if cfg.country else None
     metrics = evaluate(source, predictor, cfg.output_dir, batch_size=cfg.batch_size, resume=cfg.resume,
-                       progress=cfg.progress, country_of=country_of)
+                       progress=cfg.progress, admin_of=admin_of, plots=cfg.plots)
     keys = ["n", "n_skipped", "acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "median_km",
-            "geoscore", "acc_country"]
+            "geoscore", "acc_country", "acc_admin1", "acc_cell_top1", "ece_top1", "recall_area_auc"]
     print(" ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics.get(k), float) else f"{k}={metrics.get(k)}"
                    for k in keys))
     print(f"wrote {cfg.output_dir}/metrics.json, predictions.csv, results.md")

@@ -79,7 +79,7 @@ def main() -> None:
     torch.manual_seed(0)
     import timm
 
-    from geoloc.data.images import SkipReport, decode_image
+    from geoloc.data.images import decode_image
     from geoloc.data.readers import read_sample
     from geoloc.predictors import ModelPredictor
 

@@ -164,7 +164,8 @@ def main() -> None:
 
     atomic_write_json(HERE / "results" / "study.json", result)
     lines = ["# Real-data study: im2gps3k-dev, test fold (364 real photos)\n\n", *table, "\n",
-             "| Method | GeoScore 95% CI | 2500 km 95% CI | country % | admin-1 % | ECE top-1 |\n|---|---|---|---|---|---|\n"]
+             "| Method | GeoScore 95% CI | 2500 km 95% CI | country % | admin-1 % | ECE top-1 |\n",
+             "|---|---|---|---|---|---|\n"]
     for label, r in results.items():
         lines.append(f"| {label} | {r['geoscore_ci95'][0]}-{r['geoscore_ci95'][1]} | "
                      f"{r['acc_2500km_ci95'][0]}-{r['acc_2500km_ci95'][1]} | "

@@ -25,6 +25,11 @@ from geoloc.h3index import H3Table, h3_centers
 
 GEOCELLS_FORMAT_VERSION = 1
 METADATA_KEY = b"geoloc.geocells"
+#: Mean hexagon area per H3 resolution 0..15 (km², H3's published table).
+H3_MEAN_AREA_KM2 = np.array([4357449.416078383, 609788.441794133, 86801.780398997, 12393.434655088,
+                             1770.347654491, 252.903858182, 36.129062164, 5.161293360, 0.737327598,
+                             0.105332513, 0.015047502, 0.002149643, 0.000307092, 0.000043870, 0.000006267,
+                             0.000000895])
 REQUIRED_COLUMNS = ("cell_id", "n_points", "centroid_lat", "centroid_lng", "h3_cells", "neighbors")
 
 
@@ -49,6 +54,7 @@ class Geocells:
         self.meta = dict(meta or {})
         self.source = source
         self._index = None
+        self._areas: np.ndarray | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Geocells:
@@ -81,6 +87,22 @@ class Geocells:
     def centroids(self) -> np.ndarray:
         """``(C, 2)`` ``[lat, lng]``: mean location of each cell's training points."""
         return self.table[["centroid_lat", "centroid_lng"]].to_numpy(dtype=np.float64)
+
+    @property
+    def areas_km2(self) -> np.ndarray:
+        """``(C,)`` cell areas in km²: geodesic (WGS84) area of each polygon, or, for a table without
+        geometry, the sum of its member H3 cells' mean areas per resolution."""
+        if self._areas is None:
+            geoms = self.table.geometry if "geometry" in self.table.columns else None
+            if geoms is not None and geoms.notna().all():
+                from pyproj import Geod
+
+                geod = Geod(ellps="WGS84")
+                self._areas = np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in geoms]) / 1e6
+            else:
+                res = [(np.asarray(c, np.uint64) >> np.uint64(52)) & np.uint64(0xF) for c in self.table["h3_cells"]]
+                self._areas = np.array([H3_MEAN_AREA_KM2[r.astype(np.int64)].sum() for r in res])
+        return self._areas
 
     @property
     def n_points(self) -> np.ndarray:

@@ -1,6 +1,13 @@
-"""Which country a coordinate lies in, for country-level accuracy.
+"""Which country (and admin-1 region) a coordinate lies in, for country- and region-level accuracy.
 
-The default boundaries are Natural Earth 10m admin-0 countries (public domain) as shipped in the
+:class:`AdminLookup` (the default of ``evaluate.py``) reads the project's own boundary file,
+``geocells/data/admin_boundaries_v1.parquet`` (Natural Earth 10m admin-1 regions that tile each
+country, built by ``python -m geocells.boundaries``; see ``geocells/data/README.md``): per point the
+country (``adm0_a3``) and the admin-1 region (``admin1_code``, e.g. ``FR-75`` for Paris; ``""`` for the 13
+countries Natural Earth does not subdivide).
+
+:class:`CountryLookup` reads any boundary file. Its default boundaries are Natural Earth 10m admin-0
+countries (public domain) as shipped in the
 ``geo-country-service`` wheel (``world_countries.geojson``, 258 features), read from the installed
 file without importing that package. Codes are Natural Earth's ``adm0_a3`` (ISO 3166-1 alpha-3 where
 one exists). Points in no polygon (sea, coastline simplification) get ``""``: unknown.
@@ -68,6 +75,61 @@ class CountryLookup:
         # Where borders overlap (disputed areas) the first polygon wins: assign in reverse order.
         out[point_idx[::-1]] = self.codes[geom_idx[::-1]]
         return out
+
+
+def admin_boundaries_path() -> Path:
+    """The committed admin-0/admin-1 boundary file (a data file of the ``geocells`` package)."""
+    return package_path("geocells", "data", "admin_boundaries_v1.parquet",
+                        purpose="admin-1 lookup (Natural Earth 10m admin-1 regions)")
+
+
+class AdminLookup:
+    """Vectorized point-in-region lookup: country and admin-1 code of each point.
+
+    Args:
+        path: a GeoParquet with ``adm0_a3``, ``admin1_code``, ``admin1_name``, ``country`` and polygons;
+            None reads :func:`admin_boundaries_path`.
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        import geopandas as gpd
+
+        self.path = Path(path) if path is not None else admin_boundaries_path()
+        gdf = gpd.read_parquet(self.path)
+        missing = [c for c in ("adm0_a3", "admin1_code") if c not in gdf.columns]
+        if missing:
+            raise ValueError(f"{self.path}: no column(s) {missing}; found {list(gdf.columns)}")
+        self.adm0 = gdf["adm0_a3"].fillna("").astype(str).to_numpy(dtype=object)
+        self.admin1 = gdf["admin1_code"].fillna("").astype(str).to_numpy(dtype=object)
+        self._tree = shapely.STRtree(shapely.make_valid(gdf.geometry.to_numpy()))
+
+    def regions(self, latlng) -> np.ndarray:
+        """Index of the region holding each point (-1: none; the lowest index where regions overlap)."""
+        latlng = validate_latlng(latlng, what="admin lookup")
+        point_idx, geom_idx = self._tree.query(shapely.points(latlng[:, 1], latlng[:, 0]), predicate="intersects")
+        out = np.full(len(latlng), -1, dtype=np.int64)
+        out[point_idx[::-1]] = geom_idx[::-1]
+        return out
+
+    def __call__(self, latlng) -> np.ndarray:
+        """``(N,)`` country codes (``adm0_a3``), ``""`` where a point lies in no country: a drop-in
+        ``country_of``."""
+        return self.lookup(latlng)[0]
+
+    def lookup(self, latlng) -> tuple[np.ndarray, np.ndarray]:
+        """``(country (N,), admin1 (N,))`` code arrays, ``""`` where unknown."""
+        r = self.regions(latlng)
+        ok = r >= 0
+        country = np.full(len(r), "", dtype=object)
+        admin1 = np.full(len(r), "", dtype=object)
+        country[ok], admin1[ok] = self.adm0[r[ok]], self.admin1[r[ok]]
+        return country, admin1
+
+
+@lru_cache(maxsize=2)
+def default_admin_lookup() -> AdminLookup:
+    """The project's admin-0/admin-1 lookup, read once per process."""
+    return AdminLookup()
 
 
 @lru_cache(maxsize=2)

@@ -3,12 +3,19 @@
 Outputs in ``output_dir``:
 
 * ``predictions.csv``: ``IMG_ID,true_lat,true_lng,pred_lat,pred_lng,distance_km`` (+ ``top{k}_lat``,
-  ``top{k}_lng``, ``top{k}_prob`` when the predictor ranks alternatives), appended and fsynced batch by
-  batch, so a killed run resumes where it stopped;
+  ``top{k}_lng``, ``top{k}_prob`` when the predictor ranks alternatives, + ``true_cell``, ``cell_top1``,
+  ``cell_top1_prob`` (the classifier's own top cell and probability, before any refinement),
+  ``true_cell_rank``, ``area_to_cover_km2`` when it gives a probability to every geocell:
+  see :func:`geoloc.metrics.cell_ranking`), appended and fsynced batch by batch, so a killed run
+  resumes where it stopped;
 * ``skipped.csv``: ``IMG_ID,reason,detail`` for each photo that could not be used;
 * ``metrics.json``: ``n``, ``n_skipped``, ``acc_{1,25,200,750,2500}km`` (percent), ``median_km``,
-  ``mean_km``, ``geoscore``, ``acc_country``/``n_country`` and what was run on what;
-* ``results.md``: the standard table.
+  ``mean_km``, ``geoscore``, ``acc_country``/``n_country``, ``acc_admin1``/``n_admin1`` and, for
+  predictors that rank geocells, ``acc_cell_top1``, ``ece_top1`` (+ ``calibration_bins``),
+  ``recall_area_auc``, ``median_area_to_cover_km2``, ``recall_at_area``, and what was run on what;
+* ``results.md``: the standard table and the extra figures;
+* ``error_cdf.png``, ``error_map.png`` and, for cell-ranking predictors, ``reliability.png`` and
+  ``recall_area.png`` (:mod:`geoloc.plots`).
 
 ``metrics.json`` and ``results.md`` are written atomically at the end from the whole
 ``predictions.csv``, so they always describe every row done, resumed or not.
@@ -32,11 +39,23 @@ from geoloc.data.images import SkipReport
 from geoloc.data.readers import Item, ItemSource
 from geoloc.geo import haversine_km
 from geoloc.io import atomic_write_json, atomic_write_text
-from geoloc.metrics import THRESHOLDS_KM, country_accuracy, distance_metrics
+from geoloc.metrics import (
+    THRESHOLDS_KM,
+    admin1_accuracy,
+    cell_ranking,
+    country_accuracy,
+    distance_metrics,
+    expected_calibration_error,
+    recall_area_auc,
+    recall_vs_area,
+)
 from geoloc.predictors import Prediction, Predictor
 
 BASE_COLUMNS = ["IMG_ID", "true_lat", "true_lng", "pred_lat", "pred_lng", "distance_km"]
 SKIP_COLUMNS = ["IMG_ID", "reason", "detail"]
+CELL_COLUMNS = ["true_cell", "cell_top1", "cell_top1_prob", "true_cell_rank", "area_to_cover_km2"]
+#: Areas at which ``recall_at_area`` is reported (km²): a city, a region, a large country, a continent.
+RECALL_AREAS_KM2 = (1e3, 1e4, 1e5, 1e6, 1e7)
 
 
 def _complete_lines(path: Path) -> None:
@@ -66,7 +85,7 @@ def _batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
-def _rows(batch: list[Item], pred: Prediction) -> list[list]:
+def _rows(batch: list[Item], pred: Prediction, cells=None) -> list[list]:
     true = np.array([it.latlng for it in batch], dtype=np.float64)  # (B, 2)
     guess = np.asarray(pred.latlng, dtype=np.float64)  # (B, 2)
     if guess.shape != true.shape:
@@ -78,6 +97,11 @@ def _rows(batch: list[Item], pred: Prediction) -> list[list]:
         prob = pred.topk_prob if pred.topk_prob is not None else np.full((len(batch), k), np.nan)
         # interleave per rank: top1_lat, top1_lng, top1_prob, top2_lat, ...
         cols.append(np.concatenate([pred.topk_latlng, prob[:, :, None]], axis=2).reshape(len(batch), 3 * k))
+    if cells is not None and pred.cell_prob is not None:
+        true_cell = cells.assign(true)
+        r = cell_ranking(pred.cell_prob, true_cell, cells.areas_km2)
+        cols.append(np.column_stack([true_cell, r["top1_cell"], r["top1_prob"], r["true_rank"],
+                                     r["area_to_cover_km2"]]).astype(object))
     return np.concatenate([np.asarray(c, dtype=object) for c in cols], axis=1).tolist()
 
 
@@ -129,6 +153,8 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
 
         bar = tqdm(total=total, desc=f"{predictor.name} on {source.name}", unit="img", dynamic_ncols=True)
     header_written = pred_path.exists() and pred_path.stat().st_size > 0
+    existing_header = pd.read_csv(pred_path, nrows=0).columns.tolist() if header_written else None
+    cells = getattr(predictor, "cells", None)  # predictors that rank geocells get the cell-level columns
     with open(pred_path, "a", newline="") as pf, open(skip_path, "a", newline="") as sf:
         pw, sw = csv.writer(pf), csv.writer(sf)
         if sf.tell() == 0:
@@ -139,11 +165,17 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
                 raise ValueError(f"{predictor.name} needs photos but {source.name} was read without images "
                                  "(data.images=null?)")
             pred = predictor.predict([it.image for it in batch], [it.key for it in batch])
-            rows = _rows(batch, pred)
+            rows = _rows(batch, pred, cells)
+            k = 0 if pred.topk_latlng is None else pred.topk_latlng.shape[1]
+            header = BASE_COLUMNS + _topk_columns(k) + (CELL_COLUMNS if cells is not None and
+                                                        pred.cell_prob is not None else [])
             if not header_written:
-                k = 0 if pred.topk_latlng is None else pred.topk_latlng.shape[1]
-                pw.writerow(BASE_COLUMNS + _topk_columns(k))
+                pw.writerow(header)
                 header_written = True
+            elif existing_header is not None and existing_header != header:
+                raise ValueError(f"{pred_path}: its columns {existing_header} differ from this run's {header}; "
+                                 "use another output_dir or resume=false")
+            existing_header = None  # checked once per call
             pw.writerows(rows)
             new_skips = skipped.items[n_skip_written:]
             sw.writerows([list(s) for s in new_skips])
@@ -160,13 +192,16 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
     return skipped
 
 
-def score(output_dir: str | Path, *, country_of: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+def score(output_dir: str | Path, *, country_of: Callable[[np.ndarray], np.ndarray] | None = None,
+          admin_of=None) -> dict:
     """Metrics over every row of ``output_dir/predictions.csv`` and ``skipped.csv``.
 
     Args:
         output_dir: a folder written by :func:`run_predictions`.
         country_of: maps ``(N, 2)`` latlng to ``(N,)`` country codes (``""`` unknown); adds
             ``acc_country`` and ``n_country``.
+        admin_of: an object whose ``lookup(latlng)`` gives ``(country, admin1)`` codes
+            (:class:`geoloc.countries.AdminLookup`); adds country and ``acc_admin1``/``n_admin1``.
     """
     out = Path(output_dir)
     pred_path = out / "predictions.csv"
@@ -181,6 +216,23 @@ def score(output_dir: str | Path, *, country_of: Callable[[np.ndarray], np.ndarr
         true = country_of(df[["true_lat", "true_lng"]].to_numpy(dtype=np.float64))
         guess = country_of(df[["pred_lat", "pred_lng"]].to_numpy(dtype=np.float64))
         metrics.update(country_accuracy(true, guess))
+    if admin_of is not None and len(df):
+        true_c, true_a = admin_of.lookup(df[["true_lat", "true_lng"]].to_numpy(dtype=np.float64))
+        pred_c, pred_a = admin_of.lookup(df[["pred_lat", "pred_lng"]].to_numpy(dtype=np.float64))
+        metrics.update(country_accuracy(true_c, pred_c))
+        metrics.update(admin1_accuracy(true_a, pred_a))
+    if "area_to_cover_km2" in df.columns and len(df):
+        correct = df["cell_top1"].to_numpy(np.int64) == df["true_cell"].to_numpy(np.int64)
+        area = df["area_to_cover_km2"].to_numpy(np.float64)
+        cal = expected_calibration_error(df["cell_top1_prob"].to_numpy(np.float64), correct)
+        _, at = recall_vs_area(area, RECALL_AREAS_KM2)
+        metrics.update({
+            "acc_cell_top1": float(100.0 * correct.mean()),
+            "ece_top1": cal["ece"], "calibration_bins": cal["bins"],
+            "recall_area_auc": recall_area_auc(area), "median_area_to_cover_km2": float(np.median(area)),
+            "median_true_cell_rank": float(np.median(df["true_cell_rank"].to_numpy(np.float64))),
+            "recall_at_area": {f"{a:.0e}": float(r) for a, r in zip(RECALL_AREAS_KM2, at)},
+        })
     return metrics
 
 
@@ -212,6 +264,20 @@ def results_markdown(metrics: dict) -> str:
     if "acc_country" in metrics:
         lines.append(f"Country accuracy: {metrics['acc_country']:.1f}% over the {metrics['n_country']} photos "
                      "whose true and predicted countries are both known.\n")
+    if "acc_admin1" in metrics:
+        lines.append(f"Admin-1 (region) accuracy: {metrics['acc_admin1']:.1f}% over the {metrics['n_admin1']} "
+                     "photos whose true and predicted regions are both known.\n")
+    if "acc_cell_top1" in metrics:
+        lines.append(
+            f"\nGeocells: top-1 cell accuracy {metrics['acc_cell_top1']:.1f}%, median rank of the true cell "
+            f"{metrics['median_true_cell_rank']:.0f}; calibration of the top-1 cell probability: ECE "
+            f"{metrics['ece_top1']:.3f} (15 equal-width bins); Recall-vs-Area: area under the curve "
+            f"{metrics['recall_area_auc']:.3f} (log area from 1 km² to the whole Earth), median area to "
+            f"search before the truth is covered {metrics['median_area_to_cover_km2']:,.0f} km².\n")
+    for fig in metrics.get("figures", []):
+        lines.append(f"\n![{fig}]({fig})")
+    if metrics.get("figures"):
+        lines.append("\n")
     lines.append(f"\nData: `{ds['source']}`.")
     for note in ds.get("notes", []):
         lines.append(f"\n- {note}")
@@ -221,21 +287,29 @@ def results_markdown(metrics: dict) -> str:
 
 def evaluate(source: ItemSource, predictor: Predictor, output_dir: str | Path, *, batch_size: int = 64,
              resume: bool = True, progress: bool = True,
-             country_of: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
-    """Runs ``predictor`` on ``source``, writes predictions, metrics.json and results.md; returns metrics."""
+             country_of: Callable[[np.ndarray], np.ndarray] | None = None, admin_of=None,
+             plots: bool = False) -> dict:
+    """Runs ``predictor`` on ``source``, writes predictions, metrics.json and results.md; returns metrics.
+
+    ``country_of``/``admin_of``: see :func:`score`; ``plots``: also write the PNG figures.
+    """
     out = Path(output_dir)
     info = {"dataset": source.name, "source": getattr(source, "source", source.name),
             "predictor": predictor.describe()}
     started = time.perf_counter()
     run_predictions(source, predictor, out, batch_size=batch_size, resume=resume, progress=progress,
                     run_info=info)
-    metrics = score(out, country_of=country_of)
+    metrics = score(out, country_of=country_of, admin_of=admin_of)
     metrics["dataset"] = {"name": source.name, "source": info["source"], "synthetic": bool(source.synthetic),
                           "notes": list(getattr(source, "notes", []))}
     metrics["predictor"] = predictor.describe()
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     metrics["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     metrics["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
+    if plots and metrics["n"]:
+        from geoloc.plots import evaluation_plots
+
+        metrics["figures"] = [p.name for p in evaluation_plots(out, metrics)]
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "results.md", results_markdown(metrics))
     return metrics

@@ -38,8 +38,8 @@ import torch
 
 from geoloc.cells import Geocells
 from geoloc.data.images import SkipReport
-from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
 from geoloc.gallery import _normalize, encoder_fingerprint
+from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
 
 INDEX_FORMAT_VERSION = 1
 EMBEDDINGS = ("features", "image_emb")
@@ -259,7 +259,8 @@ class RetrievalIndex:
         folder = Path(folder)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{folder}: not a retrieval index (no meta.json; python -m geoloc.index builds one)")
+            raise FileNotFoundError(f"{folder}: not a retrieval index (no meta.json; python -m geoloc.index "
+                                    "builds one)")
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
             raise ValueError(f"{folder}: index format {meta.get('format_version')}, this geoloc reads "

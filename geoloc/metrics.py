@@ -110,3 +110,99 @@ def geolocation_metrics(pred_latlng, true_latlng, thresholds_km=THRESHOLDS_KM) -
         See :func:`distance_metrics`.
     """
     return distance_metrics(haversine_km(_numpy(pred_latlng), _numpy(true_latlng)), thresholds_km)
+
+
+#: Earth's surface on the metric sphere (4 pi R^2), km².
+EARTH_AREA_KM2 = 4.0 * np.pi * 6371.0088 ** 2
+
+
+def admin1_accuracy(true_admin1, pred_admin1) -> dict[str, float]:
+    """Like :func:`country_accuracy`, for admin-1 codes (``"FR-75"``): ``{"acc_admin1", "n_admin1"}``."""
+    out = country_accuracy(true_admin1, pred_admin1)
+    return {"acc_admin1": out["acc_country"], "n_admin1": out["n_country"]}
+
+
+def cell_ranking(cell_prob, true_cell, cell_area_km2) -> dict[str, np.ndarray]:
+    """Where the true cell sits in each photo's ranking of geocells.
+
+    Args:
+        cell_prob: ``(B, C)`` probability of every cell.
+        true_cell: ``(B,)`` the cell the photo lies in.
+        cell_area_km2: ``(C,)`` cell areas.
+
+    Returns:
+        ``true_rank (B,)`` (1 = the most probable cell; ties count in the photo's favour),
+        ``area_to_cover_km2 (B,)``: the summed area of all cells at least as probable as the true one,
+        i.e. the area one must search, most probable cells first, until the truth is covered;
+        ``top1_cell (B,)`` and ``top1_prob (B,)``.
+    """
+    p = _numpy(cell_prob)
+    t = np.asarray(true_cell, dtype=np.int64)
+    p_true = np.take_along_axis(p, t[:, None], axis=1)  # (B, 1)
+    covered = p >= p_true  # (B, C)
+    return {"true_rank": (p > p_true).sum(axis=1) + 1,
+            "area_to_cover_km2": covered.astype(np.float64) @ _numpy(cell_area_km2),
+            "top1_cell": p.argmax(axis=1), "top1_prob": p.max(axis=1)}
+
+
+def recall_vs_area(area_to_cover_km2, areas_km2=None) -> tuple[np.ndarray, np.ndarray]:
+    """Recall-vs-Area curve: the share of photos whose truth is covered within a searched area.
+
+    Args:
+        area_to_cover_km2: ``(N,)`` from :func:`cell_ranking`.
+        areas_km2: the area grid; default 200 log-spaced points from 1 km² to Earth's surface.
+
+    Returns:
+        ``(areas_km2 (G,), recall (G,))``, recall in ``[0, 1]``.
+    """
+    a = np.sort(_numpy(area_to_cover_km2))
+    grid = np.logspace(0, np.log10(EARTH_AREA_KM2), 200) if areas_km2 is None else _numpy(areas_km2)
+    recall = np.searchsorted(a, grid, side="right") / max(len(a), 1)
+    return grid, recall
+
+
+def recall_area_auc(area_to_cover_km2) -> float:
+    """Area under the Recall-vs-Area curve on a log-area axis, normalized to ``[0, 1]``.
+
+    The mean recall over 200 log-spaced areas from 1 km² to Earth's surface: 1 means every truth lies
+    in a top cell of at most 1 km², 0.5 roughly means the truth is found after searching ~22,600 km²
+    (the geometric middle of the axis) for a typical photo; a predictor that must search the whole
+    Earth scores about 0.
+    """
+    if len(_numpy(area_to_cover_km2)) == 0:
+        return float("nan")
+    return float(recall_vs_area(area_to_cover_km2)[1].mean())
+
+
+def expected_calibration_error(confidence, correct, n_bins: int = 15) -> dict:
+    """Expected calibration error of a confidence (e.g. the top-1 cell probability).
+
+    Equal-width bins over ``[0, 1]`` (the last one closed); ECE is the count-weighted mean of
+    ``|accuracy - mean confidence|`` over non-empty bins.
+
+    Args:
+        confidence: ``(N,)`` in ``[0, 1]``.
+        correct: ``(N,)`` bool, whether the top-1 answer was right.
+        n_bins: number of bins.
+
+    Returns:
+        ``{"ece": float, "bins": [{"lo", "hi", "n", "confidence", "accuracy"}, ...]}`` (empty bins
+        have ``n = 0`` and NaN means).
+    """
+    c = _numpy(confidence).reshape(-1)
+    y = np.asarray(correct, dtype=np.float64).reshape(-1)
+    if c.shape != y.shape:
+        raise ValueError(f"confidence has shape {c.shape} but correct has shape {y.shape}")
+    if c.size and (c.min() < 0 or c.max() > 1):
+        raise ValueError(f"confidence must lie in [0, 1]; got values from {c.min()} to {c.max()}")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, c, side="right") - 1, 0, n_bins - 1)
+    n = np.bincount(which, minlength=n_bins)
+    conf_sum = np.bincount(which, weights=c, minlength=n_bins)
+    acc_sum = np.bincount(which, weights=y, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf, acc = conf_sum / n, acc_sum / n
+    ece = float(np.sum(n[n > 0] * np.abs(acc[n > 0] - conf[n > 0])) / c.size) if c.size else float("nan")
+    bins = [{"lo": float(edges[i]), "hi": float(edges[i + 1]), "n": int(n[i]), "confidence": float(conf[i]),
+             "accuracy": float(acc[i])} for i in range(n_bins)]
+    return {"ece": ece, "bins": bins}

@@ -8,3 +8,19 @@ def test_known_points_and_sea():
     pts = np.array([[48.8566, 2.3522], [40.7128, -74.0060], [35.6762, 139.6503], [-33.8688, 151.2093],
                     [64.1466, -21.9426], [0.0, -30.0], [-60.0, 170.0]])
     assert lookup(pts).tolist() == ["FRA", "USA", "JPN", "AUS", "ISL", "", ""]
+
+
+def test_admin_lookup_countries_and_regions():
+    import numpy as np
+
+    from geoloc.countries import default_admin_lookup
+
+    country, admin1 = default_admin_lookup().lookup(np.array([
+        [48.8566, 2.3522],     # Paris
+        [-33.8688, 151.2093],  # Sydney
+        [40.7128, -74.0060],   # New York
+        [35.6895, 139.6917],   # Tokyo
+        [0.0, -30.0],          # the Atlantic
+    ]))
+    assert country.tolist() == ["FRA", "AUS", "USA", "JPN", ""]
+    assert admin1.tolist() == ["FR-75", "AU-NSW", "US-NY", "JP-13", ""]

@@ -102,6 +102,7 @@ class Exploding:
     def __init__(self, inner, after):
         self.inner, self.after, self.calls = inner, after, 0
         self.name, self.needs_images = inner.name, inner.needs_images
+        self.cells = getattr(inner, "cells", None)
 
     def predict(self, images, keys):
         self.calls += 1
@@ -215,3 +216,69 @@ def test_image_independence_of_baselines(tmp_path):
             Image.new("RGB", (5, 5), (255, 255, 255)).save(p, format="JPEG")
     b = evaluate(ds, PriorPredictor(ref), tmp_path / "b", progress=False)
     assert a["geoscore"] == b["geoscore"]
+
+
+def test_model_evaluation_cell_metrics_plots_and_resume(tiny_run, tmp_path):
+    """A cell-ranking predictor gets per-row cell columns, admin-1 accuracy, ECE, Recall-vs-Area and
+    the figures; a killed and resumed run scores exactly like a clean one."""
+    from geoloc.countries import default_admin_lookup
+    from geoloc.data.readers import read_sample
+    from geoloc.metrics import cell_ranking, expected_calibration_error
+    from geoloc.predictors import ModelPredictor
+
+    ds = read_sample(tiny_run["sample"], split="test", n_images=240)
+    pred = ModelPredictor(str(tiny_run["ckpt"]), topk=3)
+    kw = dict(batch_size=8, progress=False, admin_of=default_admin_lookup())
+    clean = evaluate(ds, pred, tmp_path / "clean", plots=True, **kw)
+    df = pd.read_csv(tmp_path / "clean" / "predictions.csv")
+    assert {"true_cell", "cell_top1", "cell_top1_prob", "true_cell_rank", "area_to_cover_km2"} <= set(df.columns)
+    assert np.array_equal(df["true_cell"], pred.cells.assign(df[["true_lat", "true_lng"]].to_numpy()))
+    # the recorded ranking agrees with the full distribution recomputed for a few photos
+    from geoloc.data.images import SkipReport
+
+    items = list(ds.iter_items(SkipReport()))[:4]
+    cp = pred.predict([it.image for it in items], [it.key for it in items]).cell_prob
+    r = cell_ranking(cp, pred.cells.assign(np.array([it.latlng for it in items])), pred.cells.areas_km2)
+    assert np.allclose(df["area_to_cover_km2"][:4], r["area_to_cover_km2"], rtol=1e-6)
+    assert np.allclose(df["cell_top1_prob"][:4], r["top1_prob"], atol=1e-6)
+    assert np.array_equal(df["true_cell_rank"][:4], r["true_rank"])
+    for k in ("acc_admin1", "acc_country", "acc_cell_top1", "ece_top1", "recall_area_auc"):
+        assert np.isfinite(clean[k]), k
+    correct = df["cell_top1"] == df["true_cell"]
+    assert clean["acc_cell_top1"] == pytest.approx(100 * correct.mean())
+    assert clean["ece_top1"] == pytest.approx(expected_calibration_error(df["cell_top1_prob"], correct)["ece"])
+    for fig in ("error_cdf.png", "error_map.png", "reliability.png", "recall_area.png"):
+        data = (tmp_path / "clean" / fig).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, fig
+    md = (tmp_path / "clean" / "results.md").read_text()
+    assert "Admin-1 (region) accuracy" in md and "ECE" in md and "![error_map.png]" in md
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ds, Exploding(pred, after=2), out, **kw)
+    resumed = evaluate(ds, pred, out, **kw)
+    for k in (*METRICS_KEYS, "acc_admin1", "acc_cell_top1", "ece_top1", "recall_area_auc"):
+        assert resumed[k] == pytest.approx(clean[k]), k
+
+
+def test_cli_model_with_refinement_ablation(tiny_run, tmp_path):
+    out = tmp_path / "ev"
+    r = subprocess.run([sys.executable, "evaluate.py", "data=sample", f"data.root={tiny_run['sample']}",
+                        "data.n_images=240", "predictor=model", f"ckpt={tiny_run['ckpt']}", "refine=gallery",
+                        f"predictor.gallery={tmp_path / 'g.npz'}", f"output_dir={out}", "progress=false"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode != 0 and "no gallery cache" in r.stderr  # an explicit missing file is an error
+    import numpy as np_
+
+    from geoloc.data.readers import read_sample
+
+    csv_path = tmp_path / "gal.csv"
+    np_.savetxt(csv_path, read_sample(tiny_run["sample"], split="train", n_images=240).latlng, delimiter=",",
+                header="lat,lng", comments="")
+    r = subprocess.run([sys.executable, "evaluate.py", "data=sample", f"data.root={tiny_run['sample']}",
+                        "data.n_images=240", "predictor=model", f"ckpt={tiny_run['ckpt']}", "refine=gallery",
+                        f"predictor.gallery_source={csv_path}", f"output_dir={out}", "progress=false"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["predictor"]["refine"] == "gallery" and "acc_admin1" in m and "recall_area_auc" in m

@@ -17,8 +17,8 @@ def test_log_softmax_masked_golden():
 
 
 def test_model_predictor_without_refinement(tiny_run):
-    from geoloc.data.readers import read_sample
     from geoloc.data.images import SkipReport
+    from geoloc.data.readers import read_sample
 
     pred = ModelPredictor(str(tiny_run["ckpt"]), topk=3)
     items = list(read_sample(tiny_run["sample"], split="test", n_images=240).iter_items(SkipReport()))[:7]
