@@ -41,6 +41,7 @@ demo: $(STAMP)
 		min_points=25 max_points=200
 	$(PY) train.py experiment=demo trainer.enable_progress_bar=false
 	$(PY) evaluate.py $(EVAL_TEST) predictor=model ckpt=$(DEMO)/train/checkpoints/best.ckpt output_dir=$(DEMO)/model
+	$(PY) -m geoloc.export ckpt=$(DEMO)/train/checkpoints/best.ckpt out=$(DEMO)/model.pt
 	$(PY) evaluate.py $(EVAL_TEST) predictor=constant output_dir=$(DEMO)/constant
 	$(PY) evaluate.py $(EVAL_TEST) predictor=prior output_dir=$(DEMO)/prior
 	$(PY) -m geoloc.report $(DEMO)/model $(DEMO)/constant $(DEMO)/prior --out $(DEMO)/results.md \
