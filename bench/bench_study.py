@@ -73,7 +73,7 @@ def evaluate(out: Path, name: str, fold, args: list[str]) -> dict:
     folder = out / "eval" / name
     if not (folder / "metrics.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        _run([PY, "evaluate.py", *_data(fold), f"output_dir={folder}", *args], folder.with_suffix(".log"))
+        _run([PY, "evaluate.py", *_data(fold), f"output_dir={folder}", *args], folder.parent / f"{folder.name}.log")
     return json.loads((folder / "metrics.json").read_text())
 
 

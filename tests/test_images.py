@@ -106,3 +106,37 @@ def test_skip_report():
     r.add("c", "missing")
     d = r.to_dict()
     assert len(r) == 3 and d["n_skipped"] == 3 and d["by_reason"] == {"missing": 2, "truncated": 1}
+
+
+def _jpeg_with_gps(path, lat_ref, lat, lng_ref, lng):
+    from PIL import Image, TiffImagePlugin
+
+    img = Image.new("RGB", (16, 16), (120, 80, 40))
+    exif = img.getexif()
+    r = TiffImagePlugin.IFDRational
+    gps = {1: lat_ref, 2: tuple(r(*v) for v in lat), 3: lng_ref, 4: tuple(r(*v) for v in lng)}
+    exif[0x8825] = gps
+    img.save(path, exif=exif)
+    return path
+
+
+def test_read_exif_latlng(tmp_path):
+    from geoloc.data.images import read_exif_latlng
+
+    # the Eiffel Tower: 48°51'29.6"N 2°17'40.2"E
+    p = _jpeg_with_gps(tmp_path / "a.jpg", "N", ((48, 1), (51, 1), (296, 10)), "E", ((2, 1), (17, 1), (402, 10)))
+    lat, lng = read_exif_latlng(p)
+    assert abs(lat - 48.858222) < 1e-5 and abs(lng - 2.2945) < 1e-5
+    p = _jpeg_with_gps(tmp_path / "b.jpg", "S", ((33, 1), (52, 1), (0, 1)), "W", ((70, 1), (30, 1), (0, 1)))
+    assert read_exif_latlng(p) == (-33 - 52 / 60, -70.5)
+    assert read_exif_latlng(p.read_bytes()) == (-33 - 52 / 60, -70.5)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "none.jpg")
+    assert read_exif_latlng(tmp_path / "none.jpg") is None
+    p = _jpeg_with_gps(tmp_path / "bad.jpg", "N", ((95, 1), (0, 1), (0, 1)), "E", ((1, 1), (0, 1), (0, 1)))
+    assert read_exif_latlng(p) is None  # latitude out of range
+    p = _jpeg_with_gps(tmp_path / "zero.jpg", "N", ((1, 0), (0, 1), (0, 1)), "E", ((1, 1), (0, 1), (0, 1)))
+    assert read_exif_latlng(p) is None  # a zero denominator: malformed, no crash
+    (tmp_path / "junk.jpg").write_bytes(b"junk")
+    assert read_exif_latlng(tmp_path / "junk.jpg") is None

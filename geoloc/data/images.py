@@ -140,3 +140,43 @@ def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+_GPS_IFD = 0x8825  # EXIF GPSInfo
+_GPS_LAT_REF, _GPS_LAT, _GPS_LNG_REF, _GPS_LNG = 1, 2, 3, 4
+
+
+def _dms_to_degrees(dms) -> float:
+    d, m, s = (float(v) for v in dms)
+    return d + m / 60.0 + s / 3600.0
+
+
+def read_exif_latlng(source: bytes | Path | str) -> tuple[float, float] | None:
+    """The GPS position in a photo's EXIF, if it has a usable one.
+
+    Reads the GPSInfo IFD (degrees, minutes, seconds as rationals with N/S and E/W references). Never
+    raises on a photo: a missing, partial or malformed GPS block gives None.
+
+    Args:
+        source: the file (path or bytes).
+
+    Returns:
+        ``(lat, lng)`` in degrees, or None.
+    """
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            gps = img.getexif().get_ifd(_GPS_IFD)
+        if not gps or _GPS_LAT not in gps or _GPS_LNG not in gps:
+            return None
+        lat, lng = _dms_to_degrees(gps[_GPS_LAT]), _dms_to_degrees(gps[_GPS_LNG])
+        if str(gps.get(_GPS_LAT_REF, "N")).strip().upper().startswith("S"):
+            lat = -lat
+        if str(gps.get(_GPS_LNG_REF, "E")).strip().upper().startswith("W"):
+            lng = -lng
+        if not (np.isfinite(lat) and np.isfinite(lng) and -90 <= lat <= 90 and -180 <= lng <= 180):
+            return None
+        if lat == 0.0 and lng == 0.0:  # cameras without a fix write zeros
+            return None
+        return lat, lng
+    except Exception:  # noqa: BLE001 - EXIF in the wild is anything; a bad block is "no GPS", not an error
+        return None

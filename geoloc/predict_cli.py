@@ -1,0 +1,115 @@
+"""``geoloc-predict``: where was this photo taken?
+
+    geoloc-predict photo.jpg other.png --model RUN/checkpoints/best.ckpt
+    geoloc-predict photos/*.jpg --model ... --json                      # one JSON object per photo
+    geoloc-predict photo.jpg --model ... --refine prototypes --topk 3
+
+Prints the predicted location, the top geocells with their country, region and probability, and the
+GPS position in the photo's EXIF when there is one, with its distance from the prediction. The EXIF
+position is only reported, never used to predict. Photos that cannot be read are reported with the
+reason and the others still run; the exit status is 1 when any photo failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from geoloc.data.images import ImageError, decode_image, read_exif_latlng
+from geoloc.geo import haversine_km
+
+
+def _fmt_latlng(lat: float, lng: float) -> str:
+    return f"{abs(lat):.4f}°{'N' if lat >= 0 else 'S'}, {abs(lng):.4f}°{'E' if lng >= 0 else 'W'}"
+
+
+def _cell_info(table, cell: int) -> dict:
+    row = table.iloc[int(cell)]
+
+    def get(col):
+        v = row.get(col) if hasattr(row, "get") else None
+        return None if v is None or (isinstance(v, float) and np.isnan(v)) or v == "" else str(v)
+
+    return {"cell_id": int(cell), "country": get("country"), "country_code": get("adm0_a3"),
+            "admin1": get("admin1_name"), "centroid": [float(row["centroid_lat"]), float(row["centroid_lng"])]}
+
+
+def predict_files(paths: list[str], predictor, *, batch_size: int = 32) -> list[dict]:
+    """Runs the predictor on image files; one result dict per path, in order (``error`` set on failure)."""
+    results: list[dict] = [{"path": p, "latlng": None, "top_cells": [], "exif_latlng": None,
+                            "exif_distance_km": None, "error": None} for p in paths]
+    good, images = [], []
+    for i, p in enumerate(paths):
+        try:
+            images.append(decode_image(Path(p)))
+            good.append(i)
+        except ImageError as e:
+            results[i]["error"] = f"{e.reason}: {e.detail}" if e.detail else e.reason
+        exif = read_exif_latlng(Path(p)) if Path(p).is_file() else None
+        results[i]["exif_latlng"] = list(exif) if exif else None
+    table = predictor.cells.table
+    for s in range(0, len(good), batch_size):
+        idx = good[s:s + batch_size]
+        out = predictor.predict(images[s:s + batch_size], [paths[i] for i in idx])
+        for j, i in enumerate(idx):
+            r = results[i]
+            r["latlng"] = [float(v) for v in out.latlng[j]]
+            r["top_cells"] = [{**_cell_info(table, c), "prob": float(p)}
+                              for c, p in zip(out.topk_cells[j], out.topk_prob[j])]
+            if r["exif_latlng"] is not None:
+                r["exif_distance_km"] = float(haversine_km(np.array([r["latlng"]]), np.array([r["exif_latlng"]]))[0])
+    return results
+
+
+def format_text(r: dict) -> str:
+    """A human-readable block for one result."""
+    if r["error"]:
+        return f"{r['path']}: cannot read the image ({r['error']})"
+    top = r["top_cells"][0] if r["top_cells"] else {}
+    where = ", ".join(v for v in (top.get("admin1"), top.get("country")) if v)
+    lines = [f"{r['path']}: {_fmt_latlng(*r['latlng'])}" + (f"  ({where})" if where else "")]
+    for rank, c in enumerate(r["top_cells"], 1):
+        place = ", ".join(v for v in (c["admin1"], c["country"]) if v) or "?"
+        lines.append(f"  {rank}. cell {c['cell_id']:>5}  {100 * c['prob']:5.1f}%  {place}")
+    if r["exif_latlng"] is not None:
+        lines.append(f"  EXIF GPS: {_fmt_latlng(*r['exif_latlng'])} ({r['exif_distance_km']:,.0f} km from the "
+                     "prediction; reported only, not used)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="geoloc-predict", description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--model", required=True, help="a checkpoint written by train.py (RUN/checkpoints/*.ckpt)")
+    parser.add_argument("--topk", type=int, default=5, help="ranked cells to show")
+    parser.add_argument("--refine", default="none", choices=["none", "prototypes", "gallery", "both"])
+    parser.add_argument("--index", default=None, help="retrieval index folder (default RUN/index_v1)")
+    parser.add_argument("--cells", default=None, help="geocells file (default: the run's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
+    args = parser.parse_args(argv)
+
+    from geoloc.predictors import ModelPredictor
+
+    try:
+        predictor = ModelPredictor(args.model, cells=args.cells, refine=args.refine, index=args.index,
+                                   topk=args.topk, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"geoloc-predict: {e}", file=sys.stderr)
+        return 2
+    results = predict_files(args.images, predictor)
+    for r in results:
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False))
+        else:
+            print(format_text(r), file=sys.stderr if r["error"] else sys.stdout)
+    return 1 if any(r["error"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

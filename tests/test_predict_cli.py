@@ -1,0 +1,64 @@
+"""geoloc-predict: text and JSON output, EXIF GPS reported beside (never used), bad files reported."""
+
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import numpy as np
+
+from geoloc.data.readers import read_sample
+from geoloc.predict_cli import main
+
+from .test_images import _jpeg_with_gps
+
+
+def _photos(tiny_run, tmp_path):
+    ds = read_sample(tiny_run["sample"], split="test", n_images=240)
+    good = ds.table["path"][0]
+    from PIL import Image
+
+    img = Image.open(good).convert("RGB")
+    exif_photo = _jpeg_with_gps(tmp_path / "eiffel.jpg", "N", ((48, 1), (51, 1), (296, 10)), "E",
+                                ((2, 1), (17, 1), (402, 10)))
+    with Image.open(exif_photo) as im:  # the sample's pixels with a GPS block
+        exif = im.getexif()
+    img.save(exif_photo, exif=exif, quality=95)
+    img.save(tmp_path / "plain.jpg", quality=95)  # the very same JPEG pixels, no EXIF
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    return str(tmp_path / "plain.jpg"), str(exif_photo), str(tmp_path / "broken.jpg")
+
+
+def test_text_output(tiny_run, tmp_path, capsys):
+    good, exif_photo, broken = _photos(tiny_run, tmp_path)
+    code = main([good, exif_photo, broken, str(tmp_path / "missing.jpg"), "--model", str(tiny_run["ckpt"]),
+                 "--topk", "3"])
+    out, err = capsys.readouterr()
+    assert code == 1  # some photos failed, the others were predicted
+    assert f"{good}: " in out and "  1. cell" in out and "  3. cell" in out and "%" in out
+    assert "EXIF GPS: 48.8582°N, 2.2945°E" in out and "not used" in out
+    assert f"{broken}: cannot read the image (unreadable" in err
+    assert "missing.jpg: cannot read the image (missing" in err
+
+
+def test_json_output_and_exif_is_never_used(tiny_run, tmp_path, capsys):
+    good, exif_photo, broken = _photos(tiny_run, tmp_path)
+    assert main([good, exif_photo, broken, "--model", str(tiny_run["ckpt"]), "--json", "--topk", "2"]) == 1
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in rows] == [good, exif_photo, broken]
+    a, b, c = rows
+    assert a["error"] is None and a["exif_latlng"] is None and len(a["top_cells"]) == 2
+    assert {"cell_id", "prob", "country", "admin1", "centroid", "country_code"} <= set(a["top_cells"][0])
+    assert np.allclose(b["exif_latlng"], [48.858222, 2.2945], atol=1e-5)
+    assert b["exif_distance_km"] > 0
+    # same pixels, with and without EXIF GPS: the same prediction
+    assert np.allclose(a["latlng"], b["latlng"]) and a["top_cells"] == b["top_cells"]
+    assert c["error"].startswith("unreadable") and c["latlng"] is None
+
+
+def test_console_script_is_declared_and_runs(tiny_run):
+    assert any(ep.name == "geoloc-predict" and ep.value == "geoloc.predict_cli:main"
+               for ep in entry_points(group="console_scripts"))
+    r = subprocess.run([sys.executable, "-m", "geoloc.predict_cli", "x.jpg", "--model", "nope.ckpt"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "nope.ckpt: no such checkpoint" in r.stderr
