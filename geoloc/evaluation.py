@@ -100,8 +100,11 @@ def _rows(batch: list[Item], pred: Prediction, cells=None) -> list[list]:
     if cells is not None and pred.cell_prob is not None:
         true_cell = cells.assign(true)
         r = cell_ranking(pred.cell_prob, true_cell, cells.areas_km2)
-        cols.append(np.column_stack([true_cell, r["top1_cell"], r["top1_prob"], r["true_rank"],
-                                     r["area_to_cover_km2"]]).astype(object))
+        cell_cols = [true_cell, r["top1_cell"], r["top1_prob"], r["true_rank"], r["area_to_cover_km2"]]
+        block = np.empty((len(batch), len(cell_cols)), dtype=object)  # ids and ranks stay integers in the CSV
+        for j, c in enumerate(cell_cols):
+            block[:, j] = c.tolist()
+        cols.append(block)
     return np.concatenate([np.asarray(c, dtype=object) for c in cols], axis=1).tolist()
 
 

@@ -1,27 +1,51 @@
 """Retrieval index: reference photos embedded once, clustered by location inside each geocell.
 
     python -m geoloc.index ckpt=RUN/checkpoints/best.ckpt data=shards data.dir=SHARDS data.split=train
+    python -m geoloc.index ckpt=... data=sample data.split=train
     python -m geoloc.index ckpt=... data=im2gps3k data.root=DIR data.folds=5 data.fold=[0,1,2]
 
-PIGEON refines a geocell prediction with the training photos: within each candidate cell it clusters
-the photos' locations, represents each cluster by the mean embedding of its photos (a prototype), and
-answers a location inside the cluster whose prototype is most similar to the query. This module builds
-that index; :class:`geoloc.predictors.ModelPredictor` uses it (``refine=prototypes``).
+PIGEON refines a geocell prediction with the training photos: inside each candidate cell it clusters
+the photos' locations, represents each cluster by the mean embedding of its photos (a prototype), picks
+the cluster whose prototype is most similar to the query, and answers a location inside it. This module
+builds that index; :class:`geoloc.predictors.ModelPredictor` uses it (``refine=prototypes``): it ranks
+the top cells with :meth:`RetrievalIndex.score_cells` and answers the coordinate of the most similar
+reference photo of the winning cluster (:meth:`RetrievalIndex.nearest_in_cluster`; PIGEON's released
+code takes the *least* similar one there, which we do not copy).
 
-**Clustering.** PIGEON runs OPTICS on haversine distance per cell. We use DBSCAN on haversine distance
-(scikit-learn, ball tree on radians) per cell: it finds the same density-connected groups as OPTICS
-cut at one reachability distance, runs in ``O(n log n)`` instead of OPTICS's full reachability
-ordering, and its one distance (``eps_km``) reads as "photos closer than this belong to one place".
-Points DBSCAN calls noise become singleton clusters (an isolated photo is still a place someone
-photographed; dropping it would make its location unreachable), and cells with fewer than
-``min_samples`` photos are one cluster each.
+**Clustering** (:class:`Clustering`, ``cluster.*`` in ``conf/index.yaml``). PIGEON's released code runs
+OPTICS (``min_samples=3, xi=0.15``) on a precomputed haversine matrix of each cell's photos, makes cells
+with fewer than ``min_samples`` photos one cluster and drops the noise. Our default is **HDBSCAN** with
+``min_samples = min_cluster_size = 3``: it extracts clusters from the same density hierarchy (mutual
+reachability) as OPTICS, so it adapts to scale the same way (landmarks inside a city cell, towns inside
+a rural one), and on 100K MP-16 coordinates in 709 cells it finds about as many clusters (14.0K vs
+OPTICS's 13.4K, median 4 photos each) 16x faster (3.1 s vs 48 s), with ``O(n)`` memory per cell.
+``method=optics`` reproduces PIGEON's choice (``xi``); ``method=dbscan`` uses one fixed radius
+``eps_km`` for every cell (coarse: at 25 km a whole city cell is one cluster). For HDBSCAN, ``eps_km``
+> 0 keeps clusters closer than that together (``cluster_selection_epsilon``).
 
-Files (``RUN/index_v1/`` next to ``RUN/checkpoints/``; the version is in the folder name and in
+Distances are great-circle distances, computed as chords between unit vectors (``2 R sin(d / 2R)``):
+the chord is a monotone function of the haversine distance, so DBSCAN (radius converted exactly) and
+the density hierarchy are the same as with ``metric="haversine"``, the antimeridian and the poles need
+no care, and scikit-learn's KD-tree runs 7x faster than its haversine ball tree (HDBSCAN on 10K points:
+0.36 s vs 2.3 s, identical labels).
+
+**Noise.** Points no cluster claims join the cluster of their nearest clustered neighbour
+(``noise=nearest``, the default); if a cell has no cluster at all it is one cluster, and so is a cell
+with fewer than ``min_samples`` photos. Dropping noise (PIGEON) would make those photos unreachable;
+keeping each as a singleton (``noise=singleton``) makes a cell's best-prototype score a maximum over
+many single photos, which inflates the scores of cells with much noise against cells with real
+clusters. Attached, an isolated photo is still returned by :meth:`RetrievalIndex.nearest_in_cluster`
+when it is the best match. A cell with more than ``max_points`` references is clustered on a seeded
+sample of that size and the others join their nearest sampled point's cluster (HDBSCAN is quadratic in
+time per cell: 1.3 s at 20K points).
+
+**Files** (``RUN/index_v1/`` beside ``RUN/checkpoints/``; the version is in the folder name and in
 ``meta.json``): ``index.npz`` (reference coordinates, keys, L2-normalized embeddings, cell and cluster
-of each reference; per cluster its cell, prototype and representative coordinate), ``refs.faiss`` (a
-FAISS inner-product index of the reference embeddings) and ``meta.json`` (format version, embedding
-kind, a fingerprint of the network weights, clustering settings, counts, the reference source). The
-folder is written beside its final name and renamed into place, so a reader never sees half an index.
+of each reference, sorted by cluster; per cluster its cell, prototype and representative coordinate),
+``refs.faiss`` (a FAISS inner-product index of the reference embeddings) and ``meta.json`` (format
+version, embedding kind, a fingerprint of the network weights, clustering settings, counts, the
+reference source, skipped photos). The folder is written under a temporary name beside its final one and
+renamed into place, so a reader never sees half an index.
 """
 
 from __future__ import annotations
@@ -31,6 +55,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +65,23 @@ from geoloc.cells import Geocells
 from geoloc.data.images import SkipReport
 from geoloc.gallery import _normalize, encoder_fingerprint
 from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
+from geoloc.io import to_jsonable
 
 INDEX_FORMAT_VERSION = 1
 EMBEDDINGS = ("features", "image_emb")
+METHODS = ("hdbscan", "optics", "dbscan")
+NOISE = ("nearest", "singleton")
+_ARRAYS = ("ref_latlng", "ref_emb", "ref_cell", "ref_cluster", "ref_keys", "cluster_cell", "cluster_proto",
+           "cluster_latlng")
 
 
 def default_index_dir(ckpt: str | Path) -> Path:
     """``RUN/index_v1`` for ``RUN/checkpoints/x.ckpt``."""
     return Path(ckpt).parent.parent / f"index_v{INDEX_FORMAT_VERSION}"
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 @torch.no_grad()
@@ -56,87 +90,230 @@ def embed_images(net, images: list, transform, *, embedding: str = "features", b
     """Embeds PIL images with a :class:`~geoloc.models.geolocator.GeoLocator`.
 
     Args:
-        net: the network (eval mode).
-        images: PIL images.
-        transform: its evaluation transform.
-        embedding: ``features`` (the backbone's pooled features) or ``image_emb`` (the projection into
-            the location encoder's space).
+        net: the network (put in eval mode for the call).
+        images: ``B`` PIL images.
+        transform: its evaluation transform (PIL -> ``[3, H, W]``).
+        embedding: ``features`` (the backbone's pooled features, ``net(x)["features"]``) or ``image_emb``
+            (the projection into the location encoder's space, ``net(x)["image_emb"]``).
 
     Returns:
         ``(B, D)`` float32, L2-normalized.
     """
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
-    out = []
-    for s in range(0, len(images), batch_size):
-        x = torch.stack([transform(im) for im in images[s:s + batch_size]]).to(device)
-        out.append(net(x)[embedding].float().cpu())
+    was_training = net.training
+    net.eval()
+    try:
+        out = [net(torch.stack([transform(im) for im in images[s:s + batch_size]]).to(device))[embedding].float().cpu()
+               for s in range(0, len(images), batch_size)]
+    finally:
+        net.train(was_training)
     return _normalize(torch.cat(out).numpy()) if out else np.zeros((0, 0), np.float32)
 
 
-def cluster_cell_points(latlng: np.ndarray, *, eps_km: float = 25.0, min_samples: int = 3) -> np.ndarray:
-    """Location clusters of one cell's photos (DBSCAN on haversine distance; noise -> singletons).
+def _chord(km: float) -> float:
+    """Straight-line distance between unit vectors ``km`` apart on the sphere."""
+    return 2.0 * float(np.sin(min(km / (2.0 * EARTH_RADIUS_KM), np.pi / 2)))
+
+
+def _density_labels(xyz: np.ndarray, method: str, min_samples: int, eps_km: float, xi: float) -> np.ndarray:
+    """scikit-learn's labels (-1: noise) for points given as ``(n, 3)`` unit vectors."""
+    if method == "hdbscan":
+        from sklearn.cluster import HDBSCAN
+
+        return HDBSCAN(min_cluster_size=min_samples, min_samples=min_samples, cluster_selection_epsilon=_chord(eps_km),
+                       algorithm="kd_tree", copy=True).fit_predict(xyz)
+    if method == "optics":
+        from sklearn.cluster import OPTICS
+
+        return OPTICS(min_samples=min_samples, xi=xi, algorithm="kd_tree").fit_predict(xyz)
+    from sklearn.cluster import DBSCAN
+
+    # photos often share coordinates: cluster the distinct ones, weighted (same result, less memory)
+    uniq, inverse, counts = np.unique(xyz, axis=0, return_inverse=True, return_counts=True)
+    labels = DBSCAN(eps=_chord(eps_km), min_samples=min_samples, algorithm="kd_tree").fit_predict(
+        uniq, sample_weight=counts)
+    return labels[inverse.reshape(-1)]
+
+
+def _nearest(points: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Index of the nearest of ``points (m, 3)`` for each of ``queries (q, 3)`` (unit vectors)."""
+    from scipy.spatial import cKDTree
+
+    return cKDTree(points).query(queries, k=1)[1]
+
+
+def cluster_cell_points(latlng: np.ndarray, *, method: str = "hdbscan", min_samples: int = 3, eps_km: float = 0.0,
+                        xi: float = 0.15, noise: str = "nearest", max_points: int = 20000,
+                        seed: int = 0) -> np.ndarray:
+    """Location clusters of one cell's photos, by density on great-circle distance (see the module doc).
 
     Args:
         latlng: ``(n, 2)`` ``[lat, lng]`` degrees.
-        eps_km: neighbourhood radius.
-        min_samples: photos within ``eps_km`` (itself included) that make a core point.
+        method: ``hdbscan``, ``optics`` (PIGEON) or ``dbscan``.
+        min_samples: neighbours (itself included) that make a core point, and the smallest cluster
+            (hdbscan); cells with fewer photos are one cluster.
+        eps_km: dbscan: the neighbourhood radius (needed); hdbscan: clusters closer than this are not
+            split (0: off); optics: unused.
+        xi: optics: the steepness that ends a cluster.
+        noise: ``nearest`` (join the nearest clustered photo's cluster) or ``singleton`` (one cluster each).
+        max_points: larger cells are clustered on a seeded sample of this size; the rest join the
+            cluster of their nearest sampled photo.
+        seed: for that sample.
 
     Returns:
-        ``(n,)`` int64 labels ``0..m-1``; every point belongs to a cluster.
+        ``(n,)`` int64 labels ``0..m-1``; every photo belongs to a cluster.
     """
+    Clustering(method, min_samples, eps_km, xi, noise, max_points, seed)  # validates the settings
+    latlng = np.asarray(latlng, np.float64).reshape(-1, 2)
     n = len(latlng)
-    if n < max(min_samples, 2):
-        return np.zeros(n, dtype=np.int64)
-    from sklearn.cluster import DBSCAN
-
-    labels = DBSCAN(eps=eps_km / EARTH_RADIUS_KM, min_samples=min_samples, metric="haversine",
-                    algorithm="ball_tree").fit_predict(np.radians(latlng))
-    noise = labels < 0
-    labels[noise] = labels.max() + 1 + np.arange(noise.sum())
-    _, labels = np.unique(labels, return_inverse=True)  # dense 0..m-1 in order of first label
-    return labels.astype(np.int64)
-
-
-def _representative(latlng: np.ndarray) -> np.ndarray:
-    """The member nearest to the members' mean direction (a coordinate someone actually took a photo at)."""
+    if n < min_samples:
+        return np.zeros(n, np.int64)
     xyz = latlng_to_xyz(latlng)
-    return latlng[int(np.argmax(xyz @ xyz.mean(axis=0)))]
+    sample = None
+    if n > max_points:
+        sample = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+    fit = xyz if sample is None else xyz[sample]
+    labels = np.asarray(_density_labels(fit, method, min_samples, eps_km, xi), np.int64)
+    is_noise = labels < 0
+    if is_noise.all():
+        labels[:] = 0  # no structure found: the cell is one place
+    elif is_noise.any():
+        if noise == "singleton":
+            labels[is_noise] = labels.max() + 1 + np.arange(is_noise.sum())
+        else:
+            labels[is_noise] = labels[~is_noise][_nearest(fit[~is_noise], fit[is_noise])]
+    if sample is not None:
+        full = np.empty(n, np.int64)
+        full[sample] = labels
+        rest = np.ones(n, bool)
+        rest[sample] = False
+        full[rest] = labels[_nearest(fit, xyz[rest])]
+        labels = full
+    return np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """How :func:`cluster_cell_points` groups each cell's references (``cluster`` in ``conf/index.yaml``)."""
+
+    method: str = "hdbscan"
+    min_samples: int = 3
+    eps_km: float = 0.0
+    xi: float = 0.15
+    noise: str = "nearest"
+    max_points: int = 20000
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"clustering method must be one of {METHODS}, got {self.method!r}")
+        if self.noise not in NOISE:
+            raise ValueError(f"noise must be one of {NOISE}, got {self.noise!r}")
+        if int(self.min_samples) < 2:
+            raise ValueError(f"min_samples must be at least 2, got {self.min_samples}")
+        if self.eps_km < 0 or (self.method == "dbscan" and self.eps_km <= 0):
+            raise ValueError(f"eps_km must be >= 0 (and > 0 for dbscan, its radius), got {self.eps_km} "
+                             f"with method={self.method}")
+        if not 0 < self.xi < 1:
+            raise ValueError(f"xi must lie in (0, 1), got {self.xi}")
+        if int(self.max_points) < int(self.min_samples):
+            raise ValueError(f"max_points ({self.max_points}) must be at least min_samples ({self.min_samples})")
+
+    def labels(self, latlng: np.ndarray) -> np.ndarray:
+        """:func:`cluster_cell_points` with these settings."""
+        return cluster_cell_points(latlng, **asdict(self))
+
+
+def _segments(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For runs of the given lengths laid end to end: each run's start and each element's run."""
+    starts = np.cumsum(lengths) - lengths
+    return starts, np.repeat(np.arange(len(lengths)), lengths)
+
+
+def _best_in_ranges(q: np.ndarray, table: np.ndarray, rows: np.ndarray, lo: np.ndarray,
+                    hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The row of ``table[lo[s]:hi[s]]`` most similar to ``q[rows[s]]``, for every range ``s``.
+
+    One matrix-vector product per range, on a view of ``table`` (no copy): 10x faster than gathering
+    all candidate rows for one batched product (76 vs 790 us per query at K=10 cells of up to 263
+    prototypes, D=768).
+
+    Args:
+        q: ``(B, D)`` normalized queries.
+        table: ``(T, D)`` normalized rows.
+        rows, lo, hi: ``(S,)`` the query and the half-open row range of each range.
+
+    Returns:
+        ``(scores (S,) float32, index (S,) int64)``: ``-inf`` and ``-1`` for an empty range; ties go to
+        the lower row.
+    """
+    scores = np.full(len(lo), -np.inf, np.float32)
+    best = np.full(len(lo), -1, np.int64)
+    todo = np.flatnonzero(hi > lo)
+    for s, r, a, b in zip(todo.tolist(), rows[todo].tolist(), lo[todo].tolist(), hi[todo].tolist()):
+        sims = table[a:b] @ q[r]
+        j = int(np.argmax(sims))
+        scores[s], best[s] = sims[j], a + j
+    return scores, best
 
 
 class RetrievalIndex:
     """Reference embeddings, their location clusters per cell, and cluster prototypes.
 
+    References are stored sorted by cluster and clusters sorted by cell, so a cluster's members and a
+    cell's prototypes are contiguous; reference indices (:meth:`search`, :meth:`nearest_in_cluster`)
+    refer to this order (``ref_keys`` names them).
+
     Attributes:
-        ref_latlng: ``(N, 2)`` float64 reference coordinates.
-        ref_emb: ``(N, D)`` float32 L2-normalized embeddings, sorted by cluster.
+        ref_latlng: ``(N, 2)`` float64 reference coordinates, ``[lat, lng]`` degrees.
+        ref_emb: ``(N, D)`` float32 L2-normalized embeddings.
         ref_cell: ``(N,)`` int64 geocell of each reference.
         ref_cluster: ``(N,)`` int64 global cluster id (non-decreasing).
-        ref_keys: ``(N,)`` reference ids.
-        cluster_cell: ``(M,)`` int64 cell of each cluster (non-decreasing: a cell's clusters are contiguous).
-        cluster_proto: ``(M, D)`` float32 L2-normalized mean embedding of each cluster.
-        cluster_latlng: ``(M, 2)`` a representative member coordinate of each cluster.
+        ref_keys: ``(N,)`` str reference ids.
+        cluster_cell: ``(M,)`` int64 cell of each cluster (non-decreasing).
+        cluster_proto: ``(M, D)`` float32 L2-normalized mean embedding of each cluster's members.
+        cluster_latlng: ``(M, 2)`` float64 the member nearest to the members' mean location.
         meta: format version, embedding kind, network fingerprint, clustering settings, counts, source.
     """
 
     def __init__(self, *, ref_latlng, ref_emb, ref_cell, ref_cluster, ref_keys, cluster_cell, cluster_proto,
-                 cluster_latlng, meta: dict):
-        order = np.lexsort((np.arange(len(ref_cluster)), ref_cluster))  # stable sort by cluster
+                 cluster_latlng, meta: dict, source: str = "<memory>"):
+        ref_cluster = np.asarray(ref_cluster, np.int64).reshape(-1)
+        order = np.argsort(ref_cluster, kind="stable")
         self.ref_latlng = np.asarray(ref_latlng, np.float64)[order]
         self.ref_emb = np.ascontiguousarray(np.asarray(ref_emb, np.float32)[order])
         self.ref_cell = np.asarray(ref_cell, np.int64)[order]
-        self.ref_cluster = np.asarray(ref_cluster, np.int64)[order]
+        self.ref_cluster = ref_cluster[order]
         self.ref_keys = np.asarray(ref_keys).astype(str)[order]
-        self.cluster_cell = np.asarray(cluster_cell, np.int64)
+        self.cluster_cell = np.asarray(cluster_cell, np.int64).reshape(-1)
         self.cluster_proto = np.ascontiguousarray(cluster_proto, np.float32)
         self.cluster_latlng = np.asarray(cluster_latlng, np.float64)
         self.meta = dict(meta)
-        if np.any(np.diff(self.cluster_cell) < 0):
-            raise ValueError("index: clusters must be sorted by cell")
+        self._check(source)
         m = len(self.cluster_cell)
         self._cluster_lo = np.searchsorted(self.ref_cluster, np.arange(m), "left")
         self._cluster_hi = np.searchsorted(self.ref_cluster, np.arange(m), "right")
         self._faiss = None
+
+    def _check(self, source: str) -> None:
+        n, m = len(self.ref_cluster), len(self.cluster_cell)
+        d = self.ref_emb.shape[1] if self.ref_emb.ndim == 2 else -1
+        shapes = {"ref_latlng": (n, 2), "ref_emb": (n, d), "ref_cell": (n,), "ref_keys": (n,),
+                  "cluster_proto": (m, d), "cluster_latlng": (m, 2)}
+        for name, want in shapes.items():
+            if getattr(self, name).shape != want:
+                raise ValueError(f"{source}: {name} has shape {getattr(self, name).shape}, expected {want} "
+                                 f"({n} references, {m} clusters)")
+        if np.any(np.diff(self.cluster_cell) < 0):
+            raise ValueError(f"{source}: clusters must be sorted by cell (cluster_cell decreases)")
+        if n and (self.ref_cluster[0] < 0 or self.ref_cluster[-1] >= m):
+            raise ValueError(f"{source}: reference cluster ids must lie in 0..{m - 1}, found "
+                             f"{self.ref_cluster[0]}..{self.ref_cluster[-1]}")
+        if n and not np.array_equal(self.cluster_cell[self.ref_cluster], self.ref_cell):
+            bad = int(np.flatnonzero(self.cluster_cell[self.ref_cluster] != self.ref_cell)[0])
+            raise ValueError(f"{source}: reference {self.ref_keys[bad]!r} is in cell {self.ref_cell[bad]} but its "
+                             f"cluster {self.ref_cluster[bad]} is in cell {self.cluster_cell[self.ref_cluster[bad]]}")
 
     def __len__(self) -> int:
         return len(self.ref_latlng)
@@ -145,49 +322,77 @@ class RetrievalIndex:
         return (f"RetrievalIndex({len(self)} references, {len(self.cluster_cell)} clusters in "
                 f"{len(np.unique(self.cluster_cell))} cells, embedding={self.meta.get('embedding')!r})")
 
+    # -- building --------------------------------------------------------------------------------------
     @classmethod
     def from_embeddings(cls, latlng: np.ndarray, emb: np.ndarray, cell: np.ndarray, *, keys=None,
-                        eps_km: float = 25.0, min_samples: int = 3, meta: dict | None = None) -> RetrievalIndex:
-        """Clusters given reference embeddings by location inside each cell and makes prototypes."""
+                        clustering: Clustering | None = None, meta: dict | None = None) -> RetrievalIndex:
+        """Clusters given reference embeddings by location inside each cell and makes prototypes.
+
+        Args:
+            latlng: ``(N, 2)`` reference coordinates.
+            emb: ``(N, D)`` their embeddings (normalized here).
+            cell: ``(N,)`` their geocells (``Geocells.assign(latlng)``).
+            keys: ``(N,)`` reference ids; None numbers them.
+            clustering: the settings; None: :class:`Clustering` defaults.
+            meta: merged into the index's ``meta``.
+        """
+        clustering = clustering or Clustering()
         latlng = validate_latlng(latlng, what="reference coordinates")
-        emb, cell = _normalize(emb), np.asarray(cell, np.int64)
-        cluster = np.empty(len(latlng), np.int64)
-        cluster_cell, protos, reps = [], [], []
-        for c in np.unique(cell):  # sorted: clusters come out grouped by cell
-            members = np.flatnonzero(cell == c)
-            labels = cluster_cell_points(latlng[members], eps_km=eps_km, min_samples=min_samples)
-            for lab in range(labels.max() + 1):
-                idx = members[labels == lab]
-                cluster[idx] = len(cluster_cell)
-                cluster_cell.append(c)
-                protos.append(emb[idx].mean(axis=0))
-                reps.append(_representative(latlng[idx]))
-        d = emb.shape[1]
-        meta = {"format_version": INDEX_FORMAT_VERSION, "eps_km": float(eps_km), "min_samples": int(min_samples),
+        emb = _normalize(emb)
+        cell = np.asarray(cell, np.int64).reshape(-1)
+        keys = np.arange(len(latlng)).astype(str) if keys is None else np.asarray(keys).astype(str)
+        if not (len(emb) == len(cell) == len(keys) == len(latlng)):
+            raise ValueError(f"references: {len(latlng)} coordinates, {len(emb)} embeddings, {len(cell)} cells, "
+                             f"{len(keys)} keys; need one of each per reference")
+        by_cell = np.argsort(cell, kind="stable")
+        cell_starts, _ = _segments(np.unique(cell, return_counts=True)[1])
+        cluster = np.empty(len(cell), np.int64)
+        cluster_cell = []
+        for s, e in zip(cell_starts, [*cell_starts[1:], len(cell)]):  # cells in increasing order
+            members = by_cell[s:e]
+            labels = clustering.labels(latlng[members])
+            cluster[members] = len(cluster_cell) + labels
+            cluster_cell.extend([cell[members[0]]] * (int(labels.max()) + 1))
+        # members of a cluster are contiguous once sorted by cluster: sums per cluster by reduceat
+        order = np.argsort(cluster, kind="stable")
+        cluster, latlng, emb, cell, keys = cluster[order], latlng[order], emb[order], cell[order], keys[order]
+        sizes = np.bincount(cluster, minlength=len(cluster_cell))
+        starts, run = _segments(sizes)
+        protos = _normalize(np.add.reduceat(emb, starts, axis=0)) if len(emb) else emb
+        xyz = latlng_to_xyz(latlng)
+        centre = np.add.reduceat(xyz, starts, axis=0) if len(xyz) else xyz
+        closeness = np.einsum("ij,ij->i", xyz, centre[run])
+        representative = np.lexsort((-closeness, run))[starts]  # the member nearest the mean direction
+        meta = {"format_version": INDEX_FORMAT_VERSION, "clustering": asdict(clustering),
                 "n_references": int(len(latlng)), "n_clusters": len(cluster_cell),
-                "n_cells_with_references": int(len(np.unique(cell))), **(meta or {})}
-        return cls(ref_latlng=latlng, ref_emb=emb, ref_cell=cell, ref_cluster=cluster,
-                   ref_keys=keys if keys is not None else np.arange(len(latlng)).astype(str),
-                   cluster_cell=np.asarray(cluster_cell, np.int64),
-                   cluster_proto=_normalize(np.asarray(protos, np.float32).reshape(-1, d)),
-                   cluster_latlng=np.asarray(reps, np.float64).reshape(-1, 2), meta=meta)
+                "n_cells_with_references": int(len(cell_starts)), **(meta or {})}
+        return cls(ref_latlng=latlng, ref_emb=emb, ref_cell=cell, ref_cluster=cluster, ref_keys=keys,
+                   cluster_cell=np.asarray(cluster_cell, np.int64), cluster_proto=protos,
+                   cluster_latlng=latlng[representative], meta=meta)
 
     @classmethod
     def build(cls, net, source, cells: Geocells, transform, *, embedding: str = "features", batch_size: int = 64,
-              eps_km: float = 25.0, min_samples: int = 3, device: str = "cpu",
+              clustering: Clustering | None = None, device: str = "cpu",
               progress: bool = False) -> tuple[RetrievalIndex, SkipReport]:
         """Embeds every readable photo of ``source`` and indexes it.
 
         Args:
-            net: a trained :class:`~geoloc.models.geolocator.GeoLocator` (eval mode).
-            source: the reference photos (any reader's dataset or shards: an ``ItemSource``).
+            net: a trained :class:`~geoloc.models.geolocator.GeoLocator`.
+            source: the reference photos (an :class:`~geoloc.data.readers.ItemSource`: any reader's
+                dataset, or :class:`~geoloc.data.shards.ShardDataset`).
             cells: the geocells the network classifies into.
             transform: the network's evaluation transform.
             embedding: ``features`` or ``image_emb``.
+            batch_size: photos per forward pass.
+            clustering: the clustering settings; None: :class:`Clustering` defaults.
+            device: where the network is.
+            progress: show a progress bar.
 
         Returns:
-            ``(index, skipped)``: photos that could not be decoded are skipped and counted.
+            ``(index, skipped)``: photos that cannot be decoded are skipped and counted, not fatal.
         """
+        clustering = clustering or Clustering()
+        name = getattr(source, "name", type(source).__name__)
         skipped = SkipReport()
         latlng, keys, embs, batch = [], [], [], []
         bar = None
@@ -208,7 +413,8 @@ class RetrievalIndex:
 
         for item in source.iter_items(skipped):
             if item.image is None:
-                raise ValueError(f"{getattr(source, 'name', source)}: the index needs photos (read without images?)")
+                raise ValueError(f"{name}: reference {item.key!r} has no photo; the index embeds photos "
+                                 "(read the source with its images)")
             batch.append(item)
             if len(batch) == batch_size:
                 flush()
@@ -216,31 +422,34 @@ class RetrievalIndex:
         if bar is not None:
             bar.close()
         if not latlng:
-            raise ValueError(f"{getattr(source, 'name', source)}: no readable reference photo "
-                             f"({len(skipped)} skipped: {dict(skipped.counts)})")
+            raise ValueError(f"{name}: no readable reference photo ({len(skipped)} skipped: {dict(skipped.counts)})")
         latlng = np.asarray(latlng, np.float64)
         meta = {"embedding": embedding, "fingerprint": encoder_fingerprint(net), "n_cells": len(cells),
-                "source": str(getattr(source, "source", getattr(source, "name", ""))),
-                "n_skipped": len(skipped), "skipped_by_reason": dict(skipped.counts)}
+                "cells": str(cells.source), "source": str(getattr(source, "source", name)), "dataset": name,
+                "skipped": skipped.to_dict(max_items=20)}
         index = cls.from_embeddings(latlng, np.concatenate(embs), cells.assign(latlng), keys=np.asarray(keys),
-                                    eps_km=eps_km, min_samples=min_samples, meta=meta)
+                                    clustering=clustering, meta=meta)
         return index, skipped
 
     # -- files -----------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        """Writes ``index.npz``, ``refs.faiss`` and ``meta.json`` into a temporary folder, then renames it."""
+        """Writes ``index.npz``, ``refs.faiss`` and ``meta.json`` into a temporary folder, then renames it.
+
+        An existing index at ``folder`` is replaced whole (moved aside, then deleted).
+        """
         import faiss
 
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            np.savez(tmp / "index.npz", ref_latlng=self.ref_latlng, ref_emb=self.ref_emb, ref_cell=self.ref_cell,
-                     ref_cluster=self.ref_cluster, ref_keys=self.ref_keys, cluster_cell=self.cluster_cell,
-                     cluster_proto=self.cluster_proto, cluster_latlng=self.cluster_latlng)
+            np.savez(tmp / "index.npz", **{k: getattr(self, k) for k in _ARRAYS})
             faiss.write_index(self.faiss_index, str(tmp / "refs.faiss"))
-            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, sort_keys=True))
-            os.chmod(tmp, 0o755)
+            (tmp / "meta.json").write_text(json.dumps(to_jsonable(self.meta), indent=2) + "\n")
+            for p in tmp.iterdir():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
             old = None
             if folder.exists():
                 old = folder.with_name(f".{folder.name}.old.{os.getpid()}")
@@ -255,27 +464,40 @@ class RetrievalIndex:
 
     @classmethod
     def load(cls, folder: str | Path, *, net=None) -> RetrievalIndex:
-        """Reads an index folder; with ``net``, refuses one built with other weights."""
+        """Reads an index folder.
+
+        Args:
+            folder: written by :meth:`save` (``python -m geoloc.index``).
+            net: if given, an index built with other weights is refused.
+
+        Raises:
+            FileNotFoundError: not an index folder.
+            ValueError: another format version, other weights, or inconsistent arrays.
+        """
         folder = Path(folder)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{folder}: not a retrieval index (no meta.json; python -m geoloc.index "
-                                    "builds one)")
+            raise FileNotFoundError(f"{folder}: not a retrieval index (no meta.json; python -m geoloc.index builds one)")
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
-            raise ValueError(f"{folder}: index format {meta.get('format_version')}, this geoloc reads "
+            raise ValueError(f"{meta_path}: index format {meta.get('format_version')}, this geoloc reads "
                              f"{INDEX_FORMAT_VERSION}; rebuild it with python -m geoloc.index")
         if net is not None and meta.get("fingerprint") != encoder_fingerprint(net):
-            raise ValueError(f"{folder}: built with other network weights (fingerprint {meta.get('fingerprint')}); "
-                             "rebuild it for this checkpoint")
+            raise ValueError(f"{folder}: built with other network weights (fingerprint {meta.get('fingerprint')}, "
+                             f"the network's is {encoder_fingerprint(net)}); rebuild it for this checkpoint")
         with np.load(folder / "index.npz", allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        index = cls(**arrays, meta=meta)
+            missing = [k for k in _ARRAYS if k not in z.files]
+            if missing:
+                raise ValueError(f"{folder / 'index.npz'}: missing array(s) {missing}")
+            arrays = {k: z[k] for k in _ARRAYS}
+        index = cls(**arrays, meta=meta, source=str(folder / "index.npz"))
         faiss_path = folder / "refs.faiss"
         if faiss_path.is_file():
             import faiss
 
-            index._faiss = faiss.read_index(str(faiss_path))
+            stored = faiss.read_index(str(faiss_path))
+            if stored.ntotal == len(index) and stored.d == index.ref_emb.shape[1]:
+                index._faiss = stored  # otherwise rebuilt from ref_emb on first use
         return index
 
     # -- queries ---------------------------------------------------------------------------------------
@@ -289,16 +511,43 @@ class RetrievalIndex:
             self._faiss.add(self.ref_emb)
         return self._faiss
 
-    def search(self, query, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k references over the whole index: ``(scores (B, k), indices (B, k))``, best first."""
-        q = _normalize(query.detach().float().cpu().numpy() if isinstance(query, torch.Tensor) else query)
-        return self.faiss_index.search(q, min(k, len(self)))
+    def _queries(self, query) -> np.ndarray:
+        q = _as_numpy(query)
+        if q.ndim != 2 or q.shape[1] != self.ref_emb.shape[1]:
+            raise ValueError(f"queries must be (B, {self.ref_emb.shape[1]}) {self.meta.get('embedding')!r} "
+                             f"embeddings, got shape {q.shape}")
+        return _normalize(q)
+
+    def search(self, query, k: int = 1, backend: str = "blas") -> tuple[np.ndarray, np.ndarray]:
+        """Top-k references over the whole index (exact).
+
+        Args:
+            query: ``(B, D)`` embeddings of the kind ``meta["embedding"]``.
+            k: how many.
+            backend: ``blas`` (one matrix product: 3.4x faster than FAISS's flat index on this 2-core
+                CPU, 100K x 768) or ``faiss`` (:attr:`faiss_index`, the saved ``refs.faiss``).
+
+        Returns:
+            ``(scores (B, k) float32, indices (B, k) int64)``: cosine similarities, best first.
+        """
+        q = self._queries(query)
+        k = min(k, len(self))
+        if backend == "faiss":
+            return self.faiss_index.search(q, k)
+        if backend != "blas":
+            raise ValueError(f"backend must be 'blas' or 'faiss', got {backend!r}")
+        sims = q @ self.ref_emb.T  # (B, N)
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < len(self) else np.tile(np.arange(len(self)),
+                                                                                          (len(q), 1))
+        top_s = np.take_along_axis(sims, top, axis=1)
+        order = np.lexsort((top, -top_s), axis=1)  # best first, ties by index
+        return np.take_along_axis(top_s, order, axis=1), np.take_along_axis(top, order, axis=1).astype(np.int64)
 
     def score_cells(self, query, cand_cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Best prototype of each candidate cell.
 
         Args:
-            query: ``(B, D)`` embeddings of the kind ``meta["embedding"]``.
+            query: ``(B, D)`` embeddings of the kind ``meta["embedding"]`` (normalized here).
             cand_cells: ``(B, K)`` candidate cell ids.
 
         Returns:
@@ -306,45 +555,58 @@ class RetrievalIndex:
             query and a prototype of that cell, and that cluster; ``-inf`` and ``-1`` for a cell without
             references.
         """
-        q = _normalize(query.detach().float().cpu().numpy() if isinstance(query, torch.Tensor) else query)
+        q = self._queries(query)
         cand = np.asarray(cand_cells, np.int64).reshape(len(q), -1)
-        lo = np.searchsorted(self.cluster_cell, cand, "left")
+        lo = np.searchsorted(self.cluster_cell, cand, "left")  # a cell's prototypes are contiguous
         hi = np.searchsorted(self.cluster_cell, cand, "right")
-        scores = np.full(cand.shape, -np.inf, np.float32)
-        best = np.full(cand.shape, -1, np.int64)
-        for b in range(len(q)):  # each query meets only its candidates' prototypes: one small product
-            n = hi[b] - lo[b]
-            if not n.any():
-                continue
-            ids = np.concatenate([np.arange(x, y) for x, y in zip(lo[b], hi[b])])
-            sims = self.cluster_proto[ids] @ q[b]
-            start = np.concatenate([[0], np.cumsum(n)[:-1]])
-            for k in np.flatnonzero(n):
-                j = int(np.argmax(sims[start[k]:start[k] + n[k]]))
-                scores[b, k], best[b, k] = sims[start[k] + j], ids[start[k] + j]
-        return scores, best.astype(np.int64)
+        rows = np.repeat(np.arange(len(q)), cand.shape[1])
+        scores, best = _best_in_ranges(q, self.cluster_proto, rows, lo.ravel(), hi.ravel())
+        return scores.reshape(cand.shape), best.reshape(cand.shape)
 
     def nearest_in_cluster(self, query, cluster: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The reference in each query's cluster whose embedding is most similar to the query.
-
-        PIGEON's released code returns the *farthest* member here; the nearest is what its paper means.
+        """The reference of each query's cluster whose embedding is most similar to the query.
 
         Args:
             query: ``(B, D)`` embeddings.
             cluster: ``(B,)`` cluster ids (-1: none).
 
         Returns:
-            ``(latlng (B, 2), index (B,))``: NaN and -1 where ``cluster`` is -1.
+            ``(latlng (B, 2) float64, index (B,) int64)``: that reference's coordinate and index; NaN and
+            -1 where ``cluster`` is -1.
         """
-        q = _normalize(query.detach().float().cpu().numpy() if isinstance(query, torch.Tensor) else query)
-        cluster = np.asarray(cluster, np.int64)
+        q = self._queries(query)
+        cluster = np.asarray(cluster, np.int64).reshape(-1)
+        if len(cluster) != len(q):
+            raise ValueError(f"need one cluster per query: {len(q)} queries, {len(cluster)} clusters")
+        if np.any(cluster >= len(self.cluster_cell)) or np.any(cluster < -1):
+            raise IndexError(f"cluster ids must lie in -1..{len(self.cluster_cell) - 1}, got "
+                             f"{cluster.min()}..{cluster.max()}")
+        has = cluster >= 0
+        lo = np.where(has, self._cluster_lo[np.maximum(cluster, 0)], 0)
+        hi = np.where(has, self._cluster_hi[np.maximum(cluster, 0)], 0)
+        _, idx = _best_in_ranges(q, self.ref_emb, np.arange(len(q)), lo, hi)
         latlng = np.full((len(q), 2), np.nan)
-        idx = np.full(len(q), -1, np.int64)
-        for b in np.flatnonzero(cluster >= 0):  # one small matrix-vector product per query
-            lo, hi = self._cluster_lo[cluster[b]], self._cluster_hi[cluster[b]]
-            i = lo + int(np.argmax(self.ref_emb[lo:hi] @ q[b]))
-            latlng[b], idx[b] = self.ref_latlng[i], i
+        latlng[idx >= 0] = self.ref_latlng[idx[idx >= 0]]
         return latlng, idx
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def summary(index: RetrievalIndex, skipped: SkipReport, out: Path, seconds: float) -> str:
+    """What a run built, in a few lines."""
+    m = index.meta
+    lines = [f"indexed {m['n_references']} reference photos of {m['source']} ({m['embedding']} embeddings): "
+             f"{m['n_clusters']} location clusters in {m['n_cells_with_references']} of {m['n_cells']} cells "
+             f"({m['clustering']['method']}), {seconds:.1f} s",
+             f"skipped {len(skipped)}" + (": " + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.counts.items()))
+                                          if len(skipped) else "")]
+    lines += [f"  {k}: {r}" + (f" ({d})" if d else "") for k, r, d in skipped.items[:5]]
+    lines.append(f"index: {out}")
+    return "\n".join(lines)
 
 
 def main(cfg) -> RetrievalIndex:
@@ -357,16 +619,14 @@ def main(cfg) -> RetrievalIndex:
     started = time.perf_counter()
     model = load_checkpoint(cfg.ckpt, cells=cfg.cells, device=cfg.device)
     source = hydra.utils.instantiate(cfg.data.dataset)
+    clustering = hydra.utils.instantiate(cfg.cluster)
     index, skipped = RetrievalIndex.build(model.net, source, model.cells, eval_transform(model.data_config),
-                                          embedding=cfg.embedding, batch_size=cfg.batch_size, eps_km=cfg.eps_km,
-                                          min_samples=cfg.min_samples, device=cfg.device, progress=cfg.progress)
+                                          embedding=cfg.embedding, batch_size=cfg.batch_size, clustering=clustering,
+                                          device=cfg.device, progress=cfg.progress)
+    index.meta["ckpt"] = str(Path(cfg.ckpt).resolve())
     out = Path(cfg.out) if cfg.out else default_index_dir(cfg.ckpt)
     index.save(out)
-    m = index.meta
-    print(f"indexed {m['n_references']} reference photos of {m['source']}: {m['n_clusters']} location clusters in "
-          f"{m['n_cells_with_references']} of {len(model.cells)} cells, skipped {len(skipped)}"
-          + (f" ({dict(skipped.counts)})" if len(skipped) else "")
-          + f", {time.perf_counter() - started:.1f} s -> {out}")
+    print(summary(index, skipped, out, time.perf_counter() - started))
     return index
 
 
