@@ -134,7 +134,7 @@ def main() -> None:
         "target_ratio": 0.8, "index_references": args.references if index_build_s is not None else None,
         "index_build_s": None if index_build_s is None else round(index_build_s, 2),
         "gallery_size": len(predictors["gallery"].gallery),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+        "torch": str(torch.__version__), "threads": torch.get_num_threads(), "cores": os.cpu_count(),
         "machine": platform.machine(),
     }
     print(yaml.safe_dump(result, sort_keys=False))
