@@ -18,16 +18,16 @@ with fewer than ``min_samples`` photos one cluster and drops the noise. Our defa
 ``min_samples = min_cluster_size = 3``: it extracts clusters from the same density hierarchy (mutual
 reachability) as OPTICS, so it adapts to scale the same way (landmarks inside a city cell, towns inside
 a rural one), and on 100K MP-16 coordinates in 709 cells it finds about as many clusters (14.0K vs
-OPTICS's 13.4K, median 4 photos each) 16x faster (3.1 s vs 48 s), with ``O(n)`` memory per cell.
+OPTICS's 13.4K) 16x faster (3.1 s vs 48 s), with ``O(n)`` memory per cell.
 ``method=optics`` reproduces PIGEON's choice (``xi``); ``method=dbscan`` uses one fixed radius
-``eps_km`` for every cell (coarse: at 25 km a whole city cell is one cluster). For HDBSCAN, ``eps_km``
-> 0 keeps clusters closer than that together (``cluster_selection_epsilon``).
+``eps_km`` for every cell (coarse: at 25 km a whole city cell is one cluster). For HDBSCAN, a positive
+``eps_km`` keeps clusters closer than that together (``cluster_selection_epsilon``).
 
 Distances are great-circle distances, computed as chords between unit vectors (``2 R sin(d / 2R)``):
 the chord is a monotone function of the haversine distance, so DBSCAN (radius converted exactly) and
-the density hierarchy are the same as with ``metric="haversine"``, the antimeridian and the poles need
-no care, and scikit-learn's KD-tree runs 7x faster than its haversine ball tree (HDBSCAN on 10K points:
-0.36 s vs 2.3 s, identical labels).
+the density hierarchy are the same as with ``metric="haversine"`` (on 80 MP-16 cells all three methods
+gave the same labels both ways), the antimeridian and the poles need no care, and scikit-learn's
+KD-tree runs 7x faster than its haversine ball tree (HDBSCAN on 10K points: 0.36 s vs 2.3 s).
 
 **Noise.** Points no cluster claims join the cluster of their nearest clustered neighbour
 (``noise=nearest``, the default); if a cell has no cluster at all it is one cluster, and so is a cell
@@ -40,11 +40,13 @@ sample of that size and the others join their nearest sampled point's cluster (H
 time per cell: 1.3 s at 20K points).
 
 **Files** (``RUN/index_v1/`` beside ``RUN/checkpoints/``; the version is in the folder name and in
-``meta.json``): ``index.npz`` (reference coordinates, keys, L2-normalized embeddings, cell and cluster
-of each reference, sorted by cluster; per cluster its cell, prototype and representative coordinate),
-``refs.faiss`` (a FAISS inner-product index of the reference embeddings) and ``meta.json`` (format
-version, embedding kind, a fingerprint of the network weights, clustering settings, counts, the
-reference source, skipped photos). The folder is written under a temporary name beside its final one and
+``meta.json``): ``index.npz`` (reference coordinates, keys, cell and cluster of each reference, sorted
+by cluster; per cluster its cell, prototype and representative coordinate), ``ref_emb.npy`` (the
+L2-normalized reference embeddings, apart so that loading maps them instead of reading them: at MP-16
+scale they are gigabytes and refinement touches only the winning clusters), ``refs.faiss`` (a FAISS
+inner-product index of them, read on first use) and ``meta.json`` (format version, embedding kind, a
+fingerprint of the network weights, clustering settings, counts, the reference source, the checkpoint,
+skipped photos). The folder is written under a temporary name beside its final one and
 renamed into place, so a reader never sees half an index.
 """
 
@@ -65,7 +67,7 @@ from geoloc.cells import Geocells
 from geoloc.data.images import SkipReport
 from geoloc.gallery import _normalize, encoder_fingerprint
 from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
-from geoloc.io import to_jsonable
+from geoloc.io import _umask, to_jsonable
 
 INDEX_FORMAT_VERSION = 1
 EMBEDDINGS = ("features", "image_emb")
@@ -279,41 +281,46 @@ class RetrievalIndex:
 
     def __init__(self, *, ref_latlng, ref_emb, ref_cell, ref_cluster, ref_keys, cluster_cell, cluster_proto,
                  cluster_latlng, meta: dict, source: str = "<memory>"):
-        ref_cluster = np.asarray(ref_cluster, np.int64).reshape(-1)
-        order = np.argsort(ref_cluster, kind="stable")
-        self.ref_latlng = np.asarray(ref_latlng, np.float64)[order]
-        self.ref_emb = np.ascontiguousarray(np.asarray(ref_emb, np.float32)[order])
-        self.ref_cell = np.asarray(ref_cell, np.int64)[order]
-        self.ref_cluster = ref_cluster[order]
-        self.ref_keys = np.asarray(ref_keys).astype(str)[order]
-        self.cluster_cell = np.asarray(cluster_cell, np.int64).reshape(-1)
+        # no copies of arrays that already have the right type (a memory-mapped ref_emb stays mapped)
+        self.ref_latlng = np.asarray(ref_latlng, np.float64)
+        self.ref_emb = ref_emb if isinstance(ref_emb, np.memmap) else np.ascontiguousarray(ref_emb, np.float32)
+        self.ref_cell = np.asarray(ref_cell, np.int64)
+        self.ref_cluster = np.asarray(ref_cluster, np.int64)
+        self.ref_keys = np.asarray(ref_keys)
+        if self.ref_keys.dtype.kind != "U":
+            self.ref_keys = self.ref_keys.astype(str)
+        self.cluster_cell = np.asarray(cluster_cell, np.int64)
         self.cluster_proto = np.ascontiguousarray(cluster_proto, np.float32)
         self.cluster_latlng = np.asarray(cluster_latlng, np.float64)
         self.meta = dict(meta)
-        self._check(source)
+        self.source = source
+        self._check()
         m = len(self.cluster_cell)
         self._cluster_lo = np.searchsorted(self.ref_cluster, np.arange(m), "left")
         self._cluster_hi = np.searchsorted(self.ref_cluster, np.arange(m), "right")
         self._faiss = None
+        self._faiss_path: Path | None = None
 
-    def _check(self, source: str) -> None:
-        n, m = len(self.ref_cluster), len(self.cluster_cell)
+    def _check(self) -> None:
+        source, n, m = self.source, len(self.ref_cluster), len(self.cluster_cell)
         d = self.ref_emb.shape[1] if self.ref_emb.ndim == 2 else -1
-        shapes = {"ref_latlng": (n, 2), "ref_emb": (n, d), "ref_cell": (n,), "ref_keys": (n,),
-                  "cluster_proto": (m, d), "cluster_latlng": (m, 2)}
+        shapes = {"ref_latlng": (n, 2), "ref_emb": (n, d), "ref_cell": (n,), "ref_cluster": (n,), "ref_keys": (n,),
+                  "cluster_cell": (m,), "cluster_proto": (m, d), "cluster_latlng": (m, 2)}
         for name, want in shapes.items():
             if getattr(self, name).shape != want:
                 raise ValueError(f"{source}: {name} has shape {getattr(self, name).shape}, expected {want} "
                                  f"({n} references, {m} clusters)")
-        if np.any(np.diff(self.cluster_cell) < 0):
-            raise ValueError(f"{source}: clusters must be sorted by cell (cluster_cell decreases)")
+        if np.any(np.diff(self.cluster_cell) < 0) or np.any(np.diff(self.ref_cluster) < 0):
+            raise ValueError(f"{source}: references must be sorted by cluster and clusters by cell "
+                             "(RetrievalIndex.from_embeddings makes them so)")
         if n and (self.ref_cluster[0] < 0 or self.ref_cluster[-1] >= m):
             raise ValueError(f"{source}: reference cluster ids must lie in 0..{m - 1}, found "
                              f"{self.ref_cluster[0]}..{self.ref_cluster[-1]}")
         if n and not np.array_equal(self.cluster_cell[self.ref_cluster], self.ref_cell):
             bad = int(np.flatnonzero(self.cluster_cell[self.ref_cluster] != self.ref_cell)[0])
-            raise ValueError(f"{source}: reference {self.ref_keys[bad]!r} is in cell {self.ref_cell[bad]} but its "
-                             f"cluster {self.ref_cluster[bad]} is in cell {self.cluster_cell[self.ref_cluster[bad]]}")
+            raise ValueError(f"{source}: reference {str(self.ref_keys[bad])!r} is in cell {self.ref_cell[bad]} but "
+                             f"its cluster {self.ref_cluster[bad]} is in cell "
+                             f"{self.cluster_cell[self.ref_cluster[bad]]}")
 
     def __len__(self) -> int:
         return len(self.ref_latlng)
@@ -426,16 +433,19 @@ class RetrievalIndex:
         latlng = np.asarray(latlng, np.float64)
         meta = {"embedding": embedding, "fingerprint": encoder_fingerprint(net), "n_cells": len(cells),
                 "cells": str(cells.source), "source": str(getattr(source, "source", name)), "dataset": name,
-                "skipped": skipped.to_dict(max_items=20)}
+                "notes": list(getattr(source, "notes", [])), "skipped": skipped.to_dict(max_items=20)}
         index = cls.from_embeddings(latlng, np.concatenate(embs), cells.assign(latlng), keys=np.asarray(keys),
                                     clustering=clustering, meta=meta)
         return index, skipped
 
     # -- files -----------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        """Writes ``index.npz``, ``refs.faiss`` and ``meta.json`` into a temporary folder, then renames it.
+        """Writes the index folder: into a temporary folder beside it, then renamed into place.
 
         An existing index at ``folder`` is replaced whole (moved aside, then deleted).
+
+        Returns:
+            ``folder``, holding ``index.npz``, ``ref_emb.npy``, ``refs.faiss`` and ``meta.json``.
         """
         import faiss
 
@@ -443,7 +453,8 @@ class RetrievalIndex:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            np.savez(tmp / "index.npz", **{k: getattr(self, k) for k in _ARRAYS})
+            np.savez_compressed(tmp / "index.npz", **{k: getattr(self, k) for k in _ARRAYS if k != "ref_emb"})
+            np.save(tmp / "ref_emb.npy", self.ref_emb)
             faiss.write_index(self.faiss_index, str(tmp / "refs.faiss"))
             (tmp / "meta.json").write_text(json.dumps(to_jsonable(self.meta), indent=2) + "\n")
             for p in tmp.iterdir():
@@ -463,12 +474,14 @@ class RetrievalIndex:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, *, net=None) -> RetrievalIndex:
+    def load(cls, folder: str | Path, *, net=None, mmap: bool = True) -> RetrievalIndex:
         """Reads an index folder.
 
         Args:
             folder: written by :meth:`save` (``python -m geoloc.index``).
             net: if given, an index built with other weights is refused.
+            mmap: map the reference embeddings instead of reading them (the largest array; refinement
+                touches only the members of the winning clusters). ``refs.faiss`` is read on first use.
 
         Raises:
             FileNotFoundError: not an index folder.
@@ -477,7 +490,8 @@ class RetrievalIndex:
         folder = Path(folder)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{folder}: not a retrieval index (no meta.json; python -m geoloc.index builds one)")
+            raise FileNotFoundError(f"{folder}: not a retrieval index (no meta.json; python -m geoloc.index "
+                                    "builds one)")
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
             raise ValueError(f"{meta_path}: index format {meta.get('format_version')}, this geoloc reads "
@@ -485,30 +499,40 @@ class RetrievalIndex:
         if net is not None and meta.get("fingerprint") != encoder_fingerprint(net):
             raise ValueError(f"{folder}: built with other network weights (fingerprint {meta.get('fingerprint')}, "
                              f"the network's is {encoder_fingerprint(net)}); rebuild it for this checkpoint")
+        for name in ("index.npz", "ref_emb.npy"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name}: missing from the index folder; rebuild it with "
+                                        "python -m geoloc.index")
         with np.load(folder / "index.npz", allow_pickle=False) as z:
-            missing = [k for k in _ARRAYS if k not in z.files]
+            missing = [k for k in _ARRAYS if k != "ref_emb" and k not in z.files]
             if missing:
                 raise ValueError(f"{folder / 'index.npz'}: missing array(s) {missing}")
-            arrays = {k: z[k] for k in _ARRAYS}
-        index = cls(**arrays, meta=meta, source=str(folder / "index.npz"))
-        faiss_path = folder / "refs.faiss"
-        if faiss_path.is_file():
-            import faiss
-
-            stored = faiss.read_index(str(faiss_path))
-            if stored.ntotal == len(index) and stored.d == index.ref_emb.shape[1]:
-                index._faiss = stored  # otherwise rebuilt from ref_emb on first use
+            arrays = {k: z[k] for k in _ARRAYS if k != "ref_emb"}
+        arrays["ref_emb"] = np.load(folder / "ref_emb.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+        index = cls(**arrays, meta=meta, source=str(folder))
+        index._faiss_path = folder / "refs.faiss"
         return index
 
     # -- queries ---------------------------------------------------------------------------------------
     @property
     def faiss_index(self):
-        """FAISS inner-product index over the reference embeddings (cosine: they are normalized)."""
+        """FAISS inner-product index over the reference embeddings (cosine: they are normalized).
+
+        A loaded index reads its ``refs.faiss``; otherwise (or if that file does not match) it is built
+        from ``ref_emb``.
+        """
         if self._faiss is None:
             import faiss
 
-            self._faiss = faiss.IndexFlatIP(self.ref_emb.shape[1])
-            self._faiss.add(self.ref_emb)
+            d = self.ref_emb.shape[1]
+            path = self._faiss_path
+            if path is not None and path.is_file():
+                stored = faiss.read_index(str(path))
+                if stored.ntotal == len(self) and stored.d == d:
+                    self._faiss = stored
+            if self._faiss is None:
+                self._faiss = faiss.IndexFlatIP(d)
+                self._faiss.add(np.ascontiguousarray(self.ref_emb, np.float32))
         return self._faiss
 
     def _queries(self, query) -> np.ndarray:
@@ -590,12 +614,6 @@ class RetrievalIndex:
         return latlng, idx
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def summary(index: RetrievalIndex, skipped: SkipReport, out: Path, seconds: float) -> str:
     """What a run built, in a few lines."""
     m = index.meta
@@ -611,11 +629,14 @@ def summary(index: RetrievalIndex, skipped: SkipReport, out: Path, seconds: floa
 
 def main(cfg) -> RetrievalIndex:
     """``python -m geoloc.index``: embeds ``data.dataset`` with the checkpoint and writes the index."""
+    import logging
+
     import hydra
 
     from geoloc.lightning.datamodule import eval_transform
     from geoloc.models.loading import load_checkpoint
 
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads is not news
     started = time.perf_counter()
     model = load_checkpoint(cfg.ckpt, cells=cfg.cells, device=cfg.device)
     source = hydra.utils.instantiate(cfg.data.dataset)
