@@ -99,6 +99,7 @@ def test_resume_continues_exactly(sample, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
     assert res_m["val/median_km"] == pytest.approx(full_m["val/median_km"])
+    assert torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
 
     # the checkpoint scores with evaluate's engine through the model predictor, agreeing with validation
     from geoloc.evaluation import evaluate
@@ -143,3 +144,16 @@ def test_unreadable_photos_are_dropped_from_batches(sample, tmp_path):
     assert batch["image"].shape == (1, 3, 8, 8) and batch["key"] == ["a"] and batch["cell"].shape == (1,)
     empty = collate([{"bad": "missing", "key": "c"}])
     assert len(empty["latlng"]) == 0 and dict(collate.skipped) == {"truncated": 1, "missing": 1}
+
+
+def test_last_checkpoint_follows_every_epoch_even_without_improvement(sample, tmp_path):
+    """ckpt_path=last must resume from the latest epoch, not from the last time validation improved
+    (Lightning's save_last only writes last.ckpt when best.ckpt changes)."""
+    from train import train
+
+    folder, cells = sample
+    train(compose_train(*TINY, f"cells={cells}", f"data.root={folder}", "data.n_images=240", "logger=none",
+                        f"output_dir={tmp_path}", "trainer.max_epochs=3", "model.module.optimizer.lr=0"))
+    load = lambda name: torch.load(tmp_path / "checkpoints" / name, map_location="cpu", weights_only=False)  # noqa: E731
+    assert load("best.ckpt")["epoch"] == 0  # lr 0: validation never improves after the first epoch
+    assert load("last.ckpt")["epoch"] == 2
