@@ -22,6 +22,9 @@ is kept. Rows:
 * ``+ gallery``: prototypes and the 100K MP-16 GPS gallery together (``refine=both``);
 * ``gallery only`` for reference (``refine=gallery``).
 
+The validation median of every epoch (from the runs' CSV logs) goes into study.json: it shows which
+epoch the kept checkpoint comes from and what later epochs did.
+
 Each row also carries a bootstrap 95% interval (1,000 resamples of the test photos) for GeoScore and the
 2500 km accuracy: with 364 test photos, differences inside those intervals are noise. Rerunning resumes:
 finished trainings (``RUN/done``) and evaluations (``metrics.json``) are kept. Writes
@@ -41,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -87,6 +91,16 @@ def bootstrap(folder: Path, n: int = 1000, seed: int = 0) -> dict:
     acc = 100 * (d[idx] <= 2500).mean(axis=1)
     return {"geoscore_ci95": [round(float(v), 1) for v in np.percentile(gs, [2.5, 97.5])],
             "acc_2500km_ci95": [round(float(v), 1) for v in np.percentile(acc, [2.5, 97.5])]}
+
+
+def _val_curve(run: Path) -> list[float]:
+    """Validation median km per epoch, from the run's CSV log."""
+    logs = sorted(run.glob("csv/version_*/metrics.csv"))
+    if not logs:
+        return []
+    df = pd.concat([pd.read_csv(f) for f in logs])
+    v = df.dropna(subset=["val/median_km"]).groupby("epoch")["val/median_km"].last()
+    return [round(float(x), 0) for x in v.to_numpy()]
 
 
 def main() -> None:
@@ -158,6 +172,9 @@ def main() -> None:
         "budget": "experiment=im2gps3k_dev: ViT 4x192, 96 px, from scratch, 25 epochs x 1,093 photos, batch 32",
         "train_seconds": {k: round(v, 1) for k, v in train_s.items()} or "(resumed: trained in an earlier run)",
         "temperatures_chosen_on_validation": chosen,
+        "best_checkpoint_epochs": {name: int(torch.load(c, map_location="cpu", weights_only=False)["epoch"])
+                                   for name, c in ckpt.items()},
+        "val_median_km_per_epoch": {name: _val_curve(out / "runs" / name) for name in VARIANTS},
         "rows": results, "cores": os.cpu_count(), "machine": platform.machine(),
     }
     from geoloc.io import atomic_write_json, atomic_write_text
@@ -171,7 +188,11 @@ def main() -> None:
                      f"{r['acc_2500km_ci95'][0]}-{r['acc_2500km_ci95'][1]} | "
                      f"{r.get('acc_country', float('nan')):.1f} | {r.get('acc_admin1', float('nan')):.1f} | "
                      f"{r.get('ece_top1', float('nan')):.3f} |\n")
-    lines.append(f"\nTemperatures chosen on the validation fold: {chosen}. {result['budget']}.\n")
+    lines.append(f"\nTemperatures chosen on the validation fold: {chosen}. {result['budget']}. Checkpoints kept by "
+                 f"validation median (epoch, from 0): {result['best_checkpoint_epochs']}.\n\nValidation median km "
+                 "per epoch (fold 3):\n\n")
+    for name, curve in result["val_median_km_per_epoch"].items():
+        lines.append(f"- {name}: {', '.join(f'{v:.0f}' for v in curve)}\n")
     atomic_write_text(HERE / "results" / "study.md", "".join(lines))
     print("".join(lines))
 
