@@ -29,8 +29,8 @@ def main(cfg: DictConfig) -> dict:
                        progress=cfg.progress, admin_of=admin_of, plots=cfg.plots)
     keys = ["n", "n_skipped", "acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "median_km",
             "geoscore", "acc_country", "acc_admin1", "acc_cell_top1", "ece_top1", "recall_area_auc"]
-    print(" ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics.get(k), float) else f"{k}={metrics.get(k)}"
-                   for k in keys))
+    print(" ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
+                   for k in keys if k in metrics))
     print(f"wrote {cfg.output_dir}/metrics.json, predictions.csv, results.md")
     return metrics
 

@@ -72,7 +72,8 @@ class ExportedGeolocator(nn.Module):
         self.mode = "bicubic" if interp == "bicubic" else "bilinear"
         self.register_buffer("mean", torch.tensor(data_config["mean"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(data_config["std"], dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("centroids", torch.as_tensor(centroids, dtype=torch.float32))
+        # a copy: the centroids may come from a read-only array
+        self.register_buffer("centroids", torch.tensor(centroids, dtype=torch.float32))
         self.num_cells = int(self.centroids.shape[0])
         self.topk = min(int(topk), self.num_cells)
         self.candidates = min(max(int(candidates), self.topk), self.num_cells)
@@ -187,17 +188,24 @@ def script(module: ExportedGeolocator) -> torch.jit.ScriptModule:
 def export(ckpt: str | Path, out: str | Path, **kwargs) -> tuple[Path, dict]:
     """Writes the TorchScript file atomically; returns its path and metadata."""
     module, meta = build_exported(ckpt, **kwargs)
+    import warnings
+
     scripted = script(module)
-    with atomic_path(out, suffix=".pt") as tmp:
+    with atomic_path(out, suffix=".pt") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 marks torch.jit deprecated; see script()
         torch.jit.save(scripted, str(tmp), _extra_files={"geoloc.json": json.dumps(meta)})
     return Path(out), meta
 
 
 def main(cfg) -> Path:
     """``python -m geoloc.export``."""
+    import warnings
+
     path, meta = export(cfg.ckpt, cfg.out, topk=cfg.topk, prototypes=cfg.prototypes, index=cfg.index,
                         candidates=cfg.candidates, temperature=cfg.temperature)
-    m = torch.jit.load(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        m = torch.jit.load(str(path))
     h, w = meta["preprocess"]["input_size"][1:]
     out = m(torch.randint(0, 256, (2, 3, h + 17, w + 5), dtype=torch.uint8))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {meta['backbone']}, {meta['num_cells']} cells"
