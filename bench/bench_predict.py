@@ -5,8 +5,9 @@
 End to end means what ``evaluate.py`` and ``geoloc-predict`` do per batch: decode the JPEG files,
 preprocess (timm's eval transform), the image encoder, the cell head, softmax, top-K and the
 refinement (``none``, ``prototypes`` with an index of reference images, ``gallery`` with the 100K MP-16
-GPS gallery, cached). The bare reference is ``timm.create_model(name, num_classes=0)`` on an already
-preprocessed float batch: no decoding, no head. Target: end to end >= 0.8x the bare forward. Both run
+GPS gallery, cached; and ``none`` through ``torch.compile``). The bare reference is
+``timm.create_model(name, num_classes=0)`` on an already preprocessed float batch: no decoding, no
+head. Target: end to end >= 0.8x the bare forward. Both run
 with random weights (nothing can be downloaded here); speed does not depend on the weights. Timings
 alternate between the two sides in each repeat and the median is kept (the machine is shared).
 
@@ -105,6 +106,7 @@ def main() -> None:
     except ImportError:
         index_build_s = None
     predictors["gallery"] = ModelPredictor(str(ckpt), refine="gallery", batch_size=args.batch)
+    predictors["none_compiled"] = ModelPredictor(str(ckpt), batch_size=args.batch, compile=True)
 
     def time_bare() -> float:
         with torch.inference_mode():
@@ -119,6 +121,7 @@ def main() -> None:
         return time.perf_counter() - t
 
     time_bare()
+    compile_s = time_e2e(predictors["none_compiled"])  # the first call compiles
     for p in predictors.values():
         time_e2e(p)  # warm-up
     times: dict[str, list[float]] = {"bare": [], **{k: [] for k in predictors}}
@@ -127,11 +130,26 @@ def main() -> None:
         for k, p in predictors.items():
             times[k].append(time_e2e(p))
     med = {k: statistics.median(v) for k, v in times.items()}
+    # how close the bare forward comes to this CPU's fp32 matmul peak
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        bare(x)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    t = time.perf_counter()
+    for _ in range(10):
+        torch.mm(a, b)
+    peak_gflops = 2 * 2048 ** 3 * 10 / (time.perf_counter() - t) / 1e9
+    bare_gflops = fc.get_total_flops() / med["bare"] / 1e9
     result = {
         "backbone": name, "batch": args.batch, "photos": str(paths[0].parent), "repeats": args.repeats,
         "images_per_s": {k: round(args.batch / v, 2) for k, v in med.items()},
         "ratio_vs_bare": {k: round(med["bare"] / v, 3) for k, v in med.items() if k != "bare"},
-        "target_ratio": 0.8, "index_references": args.references if index_build_s is not None else None,
+        "target_ratio": 0.8, "compile_first_call_s": round(compile_s, 1),
+        "matmul_peak_gflops": round(peak_gflops, 1), "bare_forward_gflops": round(bare_gflops, 1),
+        "bare_forward_share_of_peak": round(bare_gflops / peak_gflops, 3),
+        "index_references": args.references if index_build_s is not None else None,
         "index_build_s": None if index_build_s is None else round(index_build_s, 2),
         "gallery_size": len(predictors["gallery"].gallery),
         "torch": str(torch.__version__), "threads": torch.get_num_threads(), "cores": os.cpu_count(),

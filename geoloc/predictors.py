@@ -362,7 +362,7 @@ class ModelPredictor:
     def describe(self) -> dict:
         d = {"name": self.name, "kind": "model", "ckpt": str(self.ckpt), "cells": str(self.cells_path),
              "n_cells": len(self.cells), "backbone": self.net.image_encoder.name, "refine": self.refine,
-             "topk": self.topk}
+             "topk": self.topk, "compiled": self.compiled}
         if self.refine_requested != self.refine:
             d["refine_requested"] = self.refine_requested
         if self.refine != "none":

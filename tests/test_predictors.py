@@ -125,3 +125,18 @@ def test_prototype_refinement_end_to_end_with_a_built_index(tiny_run, tmp_path):
     has_refs = np.isin(out.topk_cells[:, 0], index.cluster_cell)
     for ll, ok in zip(out.latlng, has_refs):  # answers are training-photo coordinates where refs exist
         assert not ok or np.isclose(index.ref_latlng, ll).all(axis=1).any()
+
+
+@pytest.mark.slow
+def test_compiled_predictor_agrees_with_eager(tiny_run):
+    from geoloc.data.images import SkipReport
+    from geoloc.data.readers import read_sample
+
+    items = list(read_sample(tiny_run["sample"], split="test", n_images=240).iter_items(SkipReport()))[:6]
+    images, keys = [it.image for it in items], [it.key for it in items]
+    eager = ModelPredictor(str(tiny_run["ckpt"])).predict(images, keys)
+    compiled = ModelPredictor(str(tiny_run["ckpt"]), compile=True)
+    assert compiled.describe()["compiled"] is True
+    out = compiled.predict(images, keys)
+    assert np.abs(out.cell_prob - eager.cell_prob).max() < 1e-5
+    assert np.array_equal(out.topk_cells, eager.topk_cells)
