@@ -214,6 +214,8 @@ class ModelPredictor:
         gallery_source: coordinates of the gallery when it has to be built (``mp16_gallery``: the 100K
             MP-16 coordinates shipped with geoclip; or a CSV path with lat/lng columns).
         gallery_restrict: search the gallery only inside the candidate cells.
+        gallery_backend: ``blas`` (exact, one matrix product; faster on CPU) or ``faiss`` (its flat index:
+            GPU or approximate indexes for larger galleries) for the unrestricted search.
         topk: ranked cells reported per photo.
         candidates: cells reranked by refinement (at least ``topk``).
         temperature: ``T`` of the prototype scores.
@@ -229,7 +231,7 @@ class ModelPredictor:
 
     def __init__(self, ckpt: str, *, cells: str | None = None, refine: str = "none", index: str | None = None,
                  gallery: str | None = None, gallery_source: str = "mp16_gallery", gallery_restrict: bool = True,
-                 topk: int = 5, candidates: int = 10, temperature: float = 0.05, gallery_temperature: float = 0.05,
+                 gallery_backend: str = "blas", topk: int = 5, candidates: int = 10, temperature: float = 0.05, gallery_temperature: float = 0.05,
                  weights: dict | None = None, batch_size: int = 64, device: str = "cpu", compile: bool = False,
                  name: str = "model"):
         import torch
@@ -255,6 +257,9 @@ class ModelPredictor:
         self.index = self._load_index(index) if refine in ("prototypes", "both") else None
         self.gallery = (self._load_gallery(gallery, gallery_source) if refine in ("gallery", "both") else None)
         self.gallery_restrict = bool(gallery_restrict)
+        if gallery_backend not in ("blas", "faiss"):
+            raise ValueError(f"gallery_backend must be 'blas' or 'faiss', got {gallery_backend!r}")
+        self.gallery_backend = gallery_backend
         self.gallery_source = gallery_source
         use_p, use_g = self.index is not None, self.gallery is not None
         self.refine = {(False, False): "none", (True, False): "prototypes", (False, True): "gallery",
@@ -343,7 +348,7 @@ class ModelPredictor:
             if self.gallery_restrict:
                 g = np.take_along_axis(gallery_idx, rank, axis=1)[:, 0]
             else:
-                g = self.gallery.search(out["image_emb"], k=1)[1][:, 0]
+                g = self.gallery.search(out["image_emb"], k=1, backend=self.gallery_backend)[1][:, 0]
             ok = g >= 0
             latlng[ok] = self.gallery.latlng[g[ok]]
         if best_cluster is not None:
@@ -371,5 +376,6 @@ class ModelPredictor:
             d.update(index=str(self.index_path), temperature=self.temperature)
         if self.gallery is not None:
             d.update(gallery=str(self.gallery_path), gallery_n=len(self.gallery),
-                     gallery_temperature=self.gallery_temperature, gallery_restrict=self.gallery_restrict)
+                     gallery_temperature=self.gallery_temperature, gallery_restrict=self.gallery_restrict,
+                     gallery_backend=self.gallery_backend)
         return d

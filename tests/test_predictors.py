@@ -97,6 +97,15 @@ def test_gallery_refinement_answers_a_gallery_point_in_the_chosen_cell(tiny_run,
     assert np.array_equal(pred.cells.assign(out.latlng), chosen)  # the answer lies in the chosen cell
     g = [np.flatnonzero(np.all(np.isclose(pred.gallery.latlng, ll), axis=1)) for ll in out.latlng]
     assert all(len(i) for i in g)  # and is a gallery point
+    # unrestricted (GeoCLIP's own answer): the best gallery point anywhere, FAISS and BLAS agreeing
+    emb = rng.normal(size=(5, pred.net.location_encoder.out_features)).astype(np.float32)
+    answers = []
+    for backend in ("blas", "faiss"):
+        p2 = ModelPredictor(str(tiny_run["ckpt"]), refine="gallery", gallery=str(gal), gallery_restrict=False,
+                            gallery_backend=backend)
+        answers.append(p2.refine_batch({"cell_prob": prob, "features": emb, "image_emb": emb}).latlng)
+    assert np.allclose(answers[0], answers[1])
+    assert np.allclose(answers[0], pred.gallery.latlng[pred.gallery.search(emb, k=1)[1][:, 0]])
 
 
 def test_missing_index_falls_back_or_fails_clearly(tiny_run, tmp_path):
