@@ -231,7 +231,8 @@ class ModelPredictor:
 
     def __init__(self, ckpt: str, *, cells: str | None = None, refine: str = "none", index: str | None = None,
                  gallery: str | None = None, gallery_source: str = "mp16_gallery", gallery_restrict: bool = True,
-                 gallery_backend: str = "blas", topk: int = 5, candidates: int = 10, temperature: float = 0.05, gallery_temperature: float = 0.05,
+                 gallery_backend: str = "blas", topk: int = 5, candidates: int = 10, temperature: float = 0.05,
+                 gallery_temperature: float = 0.05,
                  weights: dict | None = None, batch_size: int = 64, device: str = "cpu", compile: bool = False,
                  name: str = "model"):
         import torch
