@@ -40,6 +40,23 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def top_k_inner(q: np.ndarray, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product with one matrix product (BLAS).
+
+    Args:
+        q: ``(B, D)`` queries; emb: ``(N, D)`` database; k: ``<= N``.
+
+    Returns:
+        ``(scores (B, k) float32, indices (B, k) int64)``, best first, ties by index.
+    """
+    sims = q @ emb.T  # (B, N)
+    n = emb.shape[0]
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(q), 1))
+    top_s = np.take_along_axis(sims, top, axis=1)
+    order = np.lexsort((top, -top_s), axis=1)
+    return np.take_along_axis(top_s, order, axis=1), np.take_along_axis(top, order, axis=1).astype(np.int64)
+
+
 class GPSGallery:
     """Gallery coordinates with their (normalized) location embeddings and a FAISS index.
 
@@ -135,12 +152,7 @@ class GPSGallery:
             return self.index.search(q, k)
         if backend != "blas":
             raise ValueError(f"backend must be 'blas' or 'faiss', got {backend!r}")
-        scores = q @ self.embeddings.T  # (B, N)
-        top = np.argpartition(scores, -k, axis=1)[:, -k:] if k < len(self) else np.tile(np.arange(len(self)),
-                                                                                         (len(q), 1))
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        return np.take_along_axis(top_scores, order, axis=1), np.take_along_axis(top, order, axis=1)
+        return top_k_inner(q, self.embeddings, k)
 
     def assign_cells(self, cell_of_point: np.ndarray) -> None:
         """Records each gallery point's geocell (from ``Geocells.assign``), for restricted searches."""

@@ -65,7 +65,7 @@ import torch
 
 from geoloc.cells import Geocells
 from geoloc.data.images import SkipReport
-from geoloc.gallery import _normalize, encoder_fingerprint
+from geoloc.gallery import _normalize, encoder_fingerprint, top_k_inner
 from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
 from geoloc.io import _umask, to_jsonable
 
@@ -560,12 +560,7 @@ class RetrievalIndex:
             return self.faiss_index.search(q, k)
         if backend != "blas":
             raise ValueError(f"backend must be 'blas' or 'faiss', got {backend!r}")
-        sims = q @ self.ref_emb.T  # (B, N)
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < len(self) else np.tile(np.arange(len(self)),
-                                                                                          (len(q), 1))
-        top_s = np.take_along_axis(sims, top, axis=1)
-        order = np.lexsort((top, -top_s), axis=1)  # best first, ties by index
-        return np.take_along_axis(top_s, order, axis=1), np.take_along_axis(top, order, axis=1).astype(np.int64)
+        return top_k_inner(q, self.ref_emb, k)
 
     def score_cells(self, query, cand_cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Best prototype of each candidate cell.
