@@ -149,3 +149,21 @@ def test_compiled_predictor_agrees_with_eager(tiny_run):
     out = compiled.predict(images, keys)
     assert np.abs(out.cell_prob - eager.cell_prob).max() < 1e-5
     assert np.array_equal(out.topk_cells, eager.topk_cells)
+
+
+def test_a_run_with_relative_paths_loads_from_any_folder(tiny_run, tmp_path, monkeypatch):
+    """train.py records the cells path as given (relative to where it ran); the run still loads elsewhere."""
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "project"
+    run = root / "outputs" / "run"
+    shutil.copytree(tiny_run["run"] / "checkpoints", run / "checkpoints")
+    shutil.copy(tiny_run["cells"], root / "outputs" / "cells.parquet")
+    cfg = yaml.safe_load((tiny_run["run"] / "config.yaml").read_text())
+    cfg["cells"] = "outputs/cells.parquet"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)  # neither the project root nor the run folder
+    pred = ModelPredictor(str(run / "checkpoints" / "last.ckpt"))
+    assert pred.cells_path == str(root / "outputs" / "cells.parquet")

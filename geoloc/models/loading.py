@@ -43,6 +43,19 @@ def run_config_path(ckpt: str | Path) -> Path:
     return Path(ckpt).parent.parent / "config.yaml"
 
 
+def resolve_run_path(path: str | Path, run_dir: Path) -> Path:
+    """A path from a run's config: as written (absolute, or relative to the current folder), else relative
+    to a folder above the run (train.py records paths relative to where it was started, e.g. the repo
+    root for ``outputs/demo/cells.parquet``), so a run can be used from any folder."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    for base in Path(run_dir).resolve().parents:
+        if (base / path).exists():
+            return base / path
+    return path
+
+
 def load_checkpoint(ckpt: str | Path, *, cells: str | Path | None = None, device: str = "cpu") -> LoadedModel:
     """Rebuilds the network of a ``train.py`` run and loads a checkpoint's weights.
 
@@ -66,7 +79,7 @@ def load_checkpoint(ckpt: str | Path, *, cells: str | Path | None = None, device
         raise FileNotFoundError(f"{cfg_path}: the run's config (written by train.py) is needed to rebuild the "
                                 "network")
     run = yaml.safe_load(cfg_path.read_text())
-    cells_path = str(cells or run["cells"])
+    cells_path = str(cells) if cells else str(resolve_run_path(run["cells"], cfg_path.parent))
     geocells = Geocells.load(cells_path)
     backbone = hydra.utils.instantiate({**run["backbone"], "pretrained": False})
     location_encoder = hydra.utils.instantiate(run["model"]["location_encoder"])
