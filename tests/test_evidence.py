@@ -1,0 +1,76 @@
+"""Evidence labels from coordinates (issue 6, part 1): golden places, masking, caching."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from geoloc.evidence.labels import HEADS, coast_distance_km, dataset_evidence_labels, evidence_labels
+
+PLACES = np.array([
+    [48.8566, 2.3522],     # Paris
+    [-33.8688, 151.2093],  # Sydney
+    [0.0, -30.0],          # the Atlantic
+    [-3.4653, -62.2159],   # the Amazon
+    [23.4162, 25.6628],    # the Sahara
+    [64.1466, -21.9426],   # Reykjavik
+    [-75.0, 0.0],          # the Antarctic ice sheet
+])
+
+
+def _names(df, head):
+    return [HEADS[head][v] if v >= 0 else None for v in df[head]]
+
+
+def test_golden_places():
+    df = evidence_labels(PLACES, scene=[2, 2, None, 1, 1, 0, "x"])
+    assert list(df.columns) == list(HEADS) and all(df[c].dtype == np.int16 for c in df)
+    assert _names(df, "koppen") == ["Cfb", "Cfa", None, "Af", "BWh", "Cfc", "EF"]
+    assert _names(df, "koppen_group") == ["C", "C", None, "A", "B", "C", "E"]
+    assert _names(df, "land") == ["land", "land", "sea", "land", "land", "land", "land"]
+    assert _names(df, "hemisphere") == ["north", "south", "north", "south", "north", "north", "south"]
+    assert _names(df, "continent") == ["Europe", "Oceania", None, "South America", "Africa", "Europe", "Antarctica"]
+    assert _names(df, "scene") == ["urban", "urban", None, "natural", "natural", "indoor", None]
+    coast = _names(df, "coast")
+    assert coast[1] == "1-10 km" and coast[5] == "1-10 km"  # Sydney, Reykjavik: on the water
+    assert coast[3] == ">= 200 km" and coast[4] == ">= 200 km" and coast[2] == ">= 200 km"  # mid-ocean too
+    assert evidence_labels(PLACES)["scene"].eq(-1).all()  # no scene column: masked
+
+
+def test_coast_distance_is_great_circle_and_wraps_the_antimeridian():
+    d = coast_distance_km(np.array([[48.8566, 2.3522], [-16.5, 179.999], [-16.5, -179.999]]))
+    assert 100 < d[0] < 200  # Paris is ~150 km from the Channel
+    assert abs(d[1] - d[2]) < 5  # Fiji's waters from either side of 180 degrees
+
+
+def test_dataset_labels_are_cached_per_dataset(tmp_path, monkeypatch):
+    from geoloc.data.readers import GeoDataset
+
+    monkeypatch.setenv("GEOLOC_CACHE", str(tmp_path))
+    table = pd.DataFrame({"key": ["a", "b", "c"], "lat": PLACES[:3, 0], "lng": PLACES[:3, 1], "path": [None] * 3,
+                          "S3_Label": [2, 1, 0]})
+    ds = GeoDataset(table, name="t", source="t.csv")
+    first = dataset_evidence_labels(ds)
+    files = list((tmp_path / "evidence").glob("*.parquet"))
+    assert len(files) == 1
+    assert first["scene"].tolist() == [2, 1, 0]
+    pd.testing.assert_frame_equal(dataset_evidence_labels(ds), first)  # read back from the cache
+    ds.table.loc[0, "S3_Label"] = 1  # a changed file is relabelled, not served stale
+    assert dataset_evidence_labels(ds)["scene"].tolist() == [1, 1, 0]
+    assert len(list((tmp_path / "evidence").glob("*.parquet"))) == 2
+
+
+def test_bad_input_names_the_row():
+    with pytest.raises(ValueError, match="row 1"):
+        evidence_labels(np.array([[0.0, 0.0], [95.0, 0.0]]))
+    with pytest.raises(ValueError, match="scene has shape"):
+        evidence_labels(PLACES, scene=[1, 2])
+
+
+def test_real_im2gps3k_scene_and_coverage(shared_data):
+    from geoloc.data.readers import read_im2gps
+
+    ds = read_im2gps(shared_data / "im2gps3k-dev", images=None)
+    df = dataset_evidence_labels(ds, cache=False)
+    assert len(df) == len(ds)
+    assert df["scene"].ge(0).all()  # Im2GPS3k has S3_Label on every row
+    assert (df["koppen"] >= 0).mean() > 0.9 and (df["continent"] >= 0).mean() > 0.9
