@@ -606,6 +606,22 @@ def write_geocells(cells, path: str | Path, *, meta: dict) -> Path:
     return Path(path)
 
 
+def add_cell_evidence(cells, points: np.ndarray):
+    """Adds ``evidence_<head>`` columns: per cell, its member points' counts over each evidence head's
+    classes (:data:`geoloc.evidence.labels.HEADS`, labels looked up from the coordinates), so the
+    reasoning head's predictions can be compared with candidate cells. The scene head stays empty
+    (it is not a property of a location)."""
+    from geoloc.cells import Geocells
+    from geoloc.evidence.labels import cell_evidence_counts, evidence_labels
+
+    cell_of_point = Geocells(cells).assign(points)
+    counts = cell_evidence_counts(evidence_labels(points), cell_of_point, len(cells))
+    cells = cells.copy()
+    for head, c in counts.items():
+        cells[f"evidence_{head}"] = list(c)
+    return cells
+
+
 def read_points(path: str | Path, split: str | None = None) -> np.ndarray:
     """``(N, 2)`` ``[lat, lng]`` from a CSV or Parquet table with lat/lng columns.
 
@@ -644,9 +660,11 @@ def _main(cfg) -> None:
     boundaries = load_boundaries(cfg.boundaries)
     cells, report = build_geocells(points, boundaries, scheme=cfg.scheme, min_points=cfg.min_points,
                                    max_points=cfg.max_points, res=cfg.res, max_res=cfg.max_res, seed=cfg.seed)
-    meta = {"scheme": cfg.scheme, "min_points": cfg.min_points, "max_points": cfg.max_points, "res": cfg.res,
-            "max_res": cfg.max_res, "seed": cfg.seed, "points": str(cfg.points), "points_split": cfg.points_split,
-            "n_points": len(points),
+    if cfg.evidence:
+        cells = add_cell_evidence(cells, points)
+    meta = {"scheme": cfg.scheme, "evidence": bool(cfg.evidence), "min_points": cfg.min_points,
+            "max_points": cfg.max_points, "res": cfg.res, "max_res": cfg.max_res, "seed": cfg.seed,
+            "points": str(cfg.points), "points_split": cfg.points_split, "n_points": len(points),
             "boundaries": str(cfg.boundaries or "geocells/data/admin_boundaries_v1.parquet")}
     write_geocells(cells, cfg.out, meta=meta)
     print(f"{report.n_cells} cells from {report.n_points} points -> {cfg.out}")

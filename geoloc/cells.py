@@ -104,6 +104,17 @@ class Geocells:
                 self._areas = np.array([H3_MEAN_AREA_KM2[r.astype(np.int64)].sum() for r in res])
         return self._areas
 
+    def evidence(self, head: str, *, alpha: float = 1.0) -> np.ndarray:
+        """``(C, K)`` distribution of the cells' member points over an evidence head's classes
+        (:data:`geoloc.evidence.labels.HEADS`), with add-``alpha`` smoothing (a cell without labelled
+        members gets the uniform distribution)."""
+        col = f"evidence_{head}"
+        if col not in self.table.columns:
+            raise ValueError(f"{self.source}: no {col} column (rebuild the cells with python -m geocells.build "
+                             "evidence=true)")
+        counts = np.stack([np.asarray(c, np.float64) for c in self.table[col]]) + alpha
+        return counts / counts.sum(axis=1, keepdims=True)
+
     @property
     def n_points(self) -> np.ndarray:
         return self.table["n_points"].to_numpy()

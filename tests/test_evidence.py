@@ -74,3 +74,42 @@ def test_real_im2gps3k_scene_and_coverage(shared_data):
     assert len(df) == len(ds)
     assert df["scene"].ge(0).all()  # Im2GPS3k has S3_Label on every row
     assert (df["koppen"] >= 0).mean() > 0.9 and (df["continent"] >= 0).mean() > 0.9
+
+
+def test_cell_evidence_counts_golden():
+    from geoloc.evidence.labels import cell_evidence_counts
+
+    labels = pd.DataFrame({h: np.full(4, -1, np.int16) for h in HEADS})
+    labels["land"] = np.array([1, 1, 0, -1], np.int16)
+    labels["hemisphere"] = np.array([0, 1, 1, 1], np.int16)
+    counts = cell_evidence_counts(labels, np.array([0, 0, 2, 2]), 3)
+    assert counts["land"].tolist() == [[0, 2], [0, 0], [1, 0]]  # the masked point is left out
+    assert counts["hemisphere"].tolist() == [[1, 1], [0, 0], [0, 2]]
+    assert counts["koppen"].shape == (3, len(HEADS["koppen"])) and counts["koppen"].sum() == 0
+
+
+def test_geocells_carry_their_members_evidence(tmp_path):
+    from geocells.boundaries import load_boundaries
+    from geocells.build import add_cell_evidence, build_geocells, write_geocells
+    from geoloc.cells import Geocells
+
+    rng = np.random.default_rng(0)
+    sahara = np.column_stack([rng.uniform(20, 27, 60), rng.uniform(5, 25, 60)])
+    iceland = np.column_stack([rng.uniform(63.9, 64.2, 60), rng.uniform(-22.2, -21.5, 60)])
+    pts = np.vstack([sahara, iceland])
+    cells, _ = build_geocells(pts, load_boundaries(), min_points=20, max_points=200)
+    path = write_geocells(add_cell_evidence(cells, pts), tmp_path / "cells.parquet", meta={"scheme": "semantic"})
+    geo = Geocells.load(path)
+    group = geo.evidence("koppen_group", alpha=0)
+    cont = geo.evidence("continent", alpha=0)
+    africa = [i for i, c in enumerate(geo.table["country"]) if c != "Iceland"]
+    ice = [i for i, c in enumerate(geo.table["country"]) if c == "Iceland"]
+    assert africa and ice
+    B, C, E = (HEADS["koppen_group"].index(x) for x in "BCE")
+    assert (group[africa, B] > 0.9).all()  # arid
+    assert (group[ice, C] + group[ice, E] > 0.9).all()  # subpolar oceanic / tundra
+    assert (cont[ice, HEADS["continent"].index("Europe")] == 1).all()
+    assert np.allclose(geo.evidence("scene").sum(1), 1)  # no scene labels: uniform
+    bare = Geocells(geo.table.drop(columns=[c for c in geo.table.columns if c.startswith("evidence_")]))
+    with pytest.raises(ValueError, match="evidence=true"):
+        bare.evidence("land")

@@ -156,3 +156,26 @@ def dataset_evidence_labels(dataset, *, cache: bool = True) -> pd.DataFrame:
         with atomic_path(path, suffix=".parquet") as tmp:
             labels.to_parquet(tmp, index=False)
     return labels
+
+
+def cell_evidence_counts(labels: pd.DataFrame, cell_of_point, n_cells: int) -> dict[str, np.ndarray]:
+    """How each cell's member points are distributed over every head's classes.
+
+    Args:
+        labels: :func:`evidence_labels` of the points.
+        cell_of_point: ``(N,)`` the cell of each point.
+        n_cells: number of cells ``C``.
+
+    Returns:
+        head -> ``(C, K)`` int64 counts of labelled members per class (masked points left out).
+    """
+    cell = np.asarray(cell_of_point, np.int64)
+    if len(cell) != len(labels):
+        raise ValueError(f"{len(labels)} label rows but {len(cell)} cell ids")
+    out = {}
+    for head, classes in HEADS.items():
+        k = len(classes)
+        v = labels[head].to_numpy(np.int64)
+        ok = v >= 0
+        out[head] = np.bincount(cell[ok] * k + v[ok], minlength=n_cells * k).reshape(n_cells, k)
+    return out
