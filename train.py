@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from geoloc.cells import Geocells
+from geoloc.evidence.labels import evidence_head_sizes
 from geoloc.models.geolocator import GeoLocator
 
 
@@ -47,11 +48,15 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         from geoloc.models.location_encoder import load_geoclip_weights
 
         load_geoclip_weights(location_encoder)
-    net = GeoLocator(backbone, location_encoder, num_cells=len(cells), dropout=cfg.model.dropout)
-    module = hydra.utils.instantiate(cfg.model.module, model=net,
+    evidence = dict(cfg.model.get("evidence") or {})
+    heads = evidence_head_sizes(evidence)
+    net = GeoLocator(backbone, location_encoder, num_cells=len(cells), dropout=cfg.model.dropout,
+                     evidence_heads=heads)
+    module = hydra.utils.instantiate(cfg.model.module, model=net, evidence_weights=evidence,
                                      cell_centroids=torch.tensor(cells.centroids, dtype=torch.float32))
     datamodule = hydra.utils.instantiate(cfg.data.datamodule, cells_path=str(cfg.cells))
     datamodule.set_data_config(backbone.data_config)
+    datamodule.set_evidence_heads(heads)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,

@@ -157,3 +157,40 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(sample, tm
     load = lambda name: torch.load(tmp_path / "checkpoints" / name, map_location="cpu", weights_only=False)  # noqa: E731
     assert load("best.ckpt")["epoch"] == 0  # lr 0: validation never improves after the first epoch
     assert load("last.ckpt")["epoch"] == 2
+
+
+def test_evidence_heads_train_jointly_and_reload(sample, tmp_path):
+    """Evidence heads (issue 6) on the shared features: labels from each photo's coordinates, their
+    losses in the total, validation accuracy per head, and a checkpoint that rebuilds with them."""
+    from geoloc.models.loading import load_checkpoint
+    from train import train
+
+    folder, cells = sample
+    ev = "model.evidence={koppen_group: 0.5, land_cover: 0.5, hemisphere: 0.5}"
+    metrics, objects = train(compose_train(*TINY, f"cells={cells}", f"data.root={folder}", "data.n_images=240",
+                                           "logger=none", f"output_dir={tmp_path}", "trainer.max_epochs=1", ev))
+    assert set(objects["model"].evidence) == {"koppen_group", "land_cover", "hemisphere"}
+    for head in ("koppen_group", "land_cover", "hemisphere"):
+        assert torch.isfinite(torch.tensor(metrics[f"train/loss_ev_{head}"]))
+        assert 0 <= metrics[f"val/acc_ev_{head}"] <= 100
+    model = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    out = model.net(torch.zeros(2, 3, *model.data_config["input_size"][1:]))
+    assert out["evidence/land_cover"].shape == (2, 17) and out["evidence/koppen_group"].shape == (2, 5)
+    with pytest.raises(ValueError, match="unknown evidence head"):
+        train(compose_train(*TINY, f"cells={cells}", f"data.root={folder}", "data.n_images=240", "logger=none",
+                            f"output_dir={tmp_path / 'x'}", "debug=fdr", "model.evidence={weather: 1}"))
+
+
+def test_collate_carries_evidence_labels(sample):
+    from geoloc.cells import Geocells
+    from geoloc.lightning.datamodule import Collate
+
+    _, cells = sample
+    collate = Collate(Geocells.load(cells), ("land", "hemisphere"))
+    img = torch.zeros(3, 8, 8)
+    batch = collate([(img, torch.tensor([48.85, 2.35]), "paris"), {"bad": "unreadable", "key": "x"},
+                     (img, torch.tensor([-33.87, 151.21]), "sydney"), (img, torch.tensor([0.0, -30.0]), "sea")])
+    assert batch["evidence/land"].tolist() == [1, 1, 0] and batch["evidence/hemisphere"].tolist() == [0, 1, 0]
+    assert collate.skipped["unreadable"] == 1
+    empty = collate([{"bad": "missing", "key": "y"}])
+    assert empty["evidence/land"].shape == (0,)

@@ -184,3 +184,12 @@ def cell_evidence_counts(labels: pd.DataFrame, cell_of_point, n_cells: int) -> d
         ok = v >= 0
         out[head] = np.bincount(cell[ok] * k + v[ok], minlength=n_cells * k).reshape(n_cells, k)
     return out
+
+
+def evidence_head_sizes(weights: dict | None) -> dict[str, int]:
+    """``{head: number of classes}`` for the heads with a positive loss weight (errors name unknown heads)."""
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(HEADS))
+    if unknown:
+        raise ValueError(f"unknown evidence head(s) {unknown}; known: {list(HEADS)}")
+    return {h: len(HEADS[h]) for h, w in weights.items() if float(w) > 0}

@@ -103,10 +103,12 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class Collate:
-    """Stacks a batch, drops bad photos (counted) and assigns geocell labels."""
+    """Stacks a batch, drops bad photos (counted), assigns geocell labels and, for the evidence heads
+    asked for, their labels from the coordinates (``evidence/<head>``, -1 where masked)."""
 
-    def __init__(self, cells: Geocells):
+    def __init__(self, cells: Geocells, evidence_heads: tuple[str, ...] = ()):
         self.cells = cells
+        self.evidence_heads = tuple(evidence_heads)
         self.skipped: Counter = Counter()
 
     def __call__(self, samples: list) -> dict:
@@ -116,11 +118,19 @@ class Collate:
                 self.skipped[s["bad"]] += 1
         if not good:
             return {"image": torch.zeros(0), "latlng": torch.zeros(0, 2), "cell": torch.zeros(0, dtype=torch.long),
-                    "key": []}
+                    "key": [], **{f"evidence/{h}": torch.zeros(0, dtype=torch.long) for h in self.evidence_heads}}
         images, latlng, keys = zip(*good)
         latlng = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in latlng])
-        cell = torch.from_numpy(self.cells.assign(latlng.numpy().astype(np.float64)))
-        return {"image": torch.stack(images), "latlng": latlng, "cell": cell, "key": list(keys)}
+        ll = latlng.numpy().astype(np.float64)
+        batch = {"image": torch.stack(images), "latlng": latlng, "cell": torch.from_numpy(self.cells.assign(ll)),
+                 "key": list(keys)}
+        if self.evidence_heads:
+            from geoloc.evidence.labels import evidence_labels
+
+            labels = evidence_labels(ll)
+            for h in self.evidence_heads:
+                batch[f"evidence/{h}"] = torch.from_numpy(labels[h].to_numpy(np.int64))
+        return batch
 
 
 class GeoDataModule(pl.LightningDataModule):
@@ -146,11 +156,16 @@ class GeoDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle_buffer, self.epoch_size, self.seed = shuffle_buffer, epoch_size, seed
         self.data_config: dict | None = None
+        self.evidence_heads: tuple[str, ...] = ()
         self._cells: Geocells | None = None
 
     def set_data_config(self, data_config: dict) -> None:
         """The backbone's preprocessing (input size, mean, std): set before the loaders are made."""
         self.data_config = dict(data_config)
+
+    def set_evidence_heads(self, heads) -> None:
+        """The evidence heads whose labels each batch carries (looked up from its coordinates)."""
+        self.evidence_heads = tuple(heads)
 
     @property
     def cells(self) -> Geocells:
@@ -162,7 +177,7 @@ class GeoDataModule(pl.LightningDataModule):
         if self.data_config is None:
             raise RuntimeError("GeoDataModule.set_data_config(backbone.data_config) must be called first")
         transform = train_transform(self.data_config) if train else eval_transform(self.data_config)
-        collate = Collate(self.cells)
+        collate = Collate(self.cells, self.evidence_heads)
         common = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
                       persistent_workers=self.num_workers > 0)
         if isinstance(source, GeoDataset):

@@ -50,22 +50,27 @@ class GeoLocModule(pl.LightningModule):
         queue_size: GPS negatives kept for the contrastive loss.
         temperature: initial InfoNCE temperature (learnable).
         warmup_steps: linear warmup before the cosine decay (which spans the whole run).
+        evidence_weights: ``{head: w}``: cross-entropy of each evidence head of the model against the
+            batch's ``evidence/<head>`` labels (masked labels, -1, left out), weighted into the loss.
     """
 
     def __init__(self, model: GeoLocator, cell_centroids: torch.Tensor, optimizer: Callable,
                  tau_km: float = 65.0, loss_weights: dict | None = None, queue_size: int = 4096,
-                 temperature: float = 0.07, warmup_steps: int = 100):
+                 temperature: float = 0.07, warmup_steps: int = 100, evidence_weights: dict | None = None):
         super().__init__()
         loss_weights = {str(k): float(v) for k, v in (loss_weights or {}).items()}  # plain types only, so
         # checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({"tau_km": float(tau_km), "loss_weights": loss_weights,
                                    "queue_size": int(queue_size), "temperature": float(temperature),
-                                   "warmup_steps": int(warmup_steps)})
+                                   "warmup_steps": int(warmup_steps),
+                                   "evidence_weights": {str(k): float(v) for k, v in (evidence_weights or {}).items()}})
         self.model = model
         self.cell_loss = HaversineSmoothingLoss(torch.as_tensor(cell_centroids, dtype=torch.float32), tau_km=tau_km)
         self.gps_loss = GPSContrastiveLoss(init_temperature=temperature)
         self.queue = GPSQueue(queue_size)
         self.weights = {"cell": 1.0, "gps": 1.0, **(loss_weights or {})}
+        self.evidence_weights = {h: float(w) for h, w in (evidence_weights or {}).items()
+                                 if float(w) > 0 and h in model.evidence}
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
         self._val_dist: list[torch.Tensor] = []
@@ -92,6 +97,15 @@ class GeoLocModule(pl.LightningModule):
             g = self.gps_loss(out["image_emb"], gps[: len(latlng)], gps[len(latlng):] if len(queued) else None)
             losses.update(loss_gps=g["loss"], gps_acc=g["acc"], logit_scale=g["logit_scale"])
             total = total + self.weights["gps"] * g["loss"]
+        for head, w in self.evidence_weights.items():
+            labels = batch.get(f"evidence/{head}")
+            if labels is None:
+                continue
+            known = labels >= 0
+            ce = (torch.nn.functional.cross_entropy(out[f"evidence/{head}"][known], labels[known]) if known.any()
+                  else out[f"evidence/{head}"].sum() * 0.0)
+            losses[f"loss_ev_{head}"] = ce
+            total = total + w * ce
         losses["loss"] = total
         return losses
 
@@ -128,6 +142,12 @@ class GeoLocModule(pl.LightningModule):
         if self.weights["cell"]:
             cell = self.cell_loss(out["cell_logits"], batch["latlng"], cell_ids=batch.get("cell"))
             self.log("val/loss_cell", cell["loss"], batch_size=bs, sync_dist=True)
+        for head in self.evidence_weights:
+            labels = batch.get(f"evidence/{head}")
+            if labels is not None and (labels >= 0).any():
+                known = labels >= 0
+                acc = (out[f"evidence/{head}"][known].argmax(-1) == labels[known]).float().mean() * 100
+                self.log(f"val/acc_ev_{head}", acc, batch_size=int(known.sum()), sync_dist=True)
         guess = self.centroids[out["cell_logits"].argmax(-1)]
         self._val_dist.append(haversine_km(guess.double(), batch["latlng"].double()))
 

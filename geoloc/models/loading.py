@@ -83,7 +83,10 @@ def load_checkpoint(ckpt: str | Path, *, cells: str | Path | None = None, device
     geocells = Geocells.load(cells_path)
     backbone = hydra.utils.instantiate({**run["backbone"], "pretrained": False})
     location_encoder = hydra.utils.instantiate(run["model"]["location_encoder"])
-    net = GeoLocator(backbone, location_encoder, num_cells=len(geocells), dropout=0.0)
+    from geoloc.evidence.labels import evidence_head_sizes
+
+    heads = evidence_head_sizes(run["model"].get("evidence"))
+    net = GeoLocator(backbone, location_encoder, num_cells=len(geocells), dropout=0.0, evidence_heads=heads)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     net_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     head = net_state.get("cell_head.1.weight")
