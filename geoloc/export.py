@@ -9,9 +9,10 @@ Using it needs only torch::
     out = model(images)   # images: uint8 (B, 3, H, W), RGB, any H and W
 
 ``out`` is a dict of tensors: ``latlng`` (B, 2) float32 degrees ``[lat, lng]``, ``topk_cells`` (B, k) int64
-geocell ids, ``topk_prob`` (B, k) their probabilities, ``cell_prob`` (B, C) every cell's probability
-and ``embedding`` (B, D) the L2-normalized image embedding (for your own retrieval). The file holds
-the preprocessing (timm's evaluation transform in tensor ops: resize the short side to
+geocell ids, ``topk_prob`` (B, k) their probabilities, ``cell_prob`` (B, C) every cell's probability,
+``embedding`` (B, D) the L2-normalized image embedding (for your own retrieval) and, for a model trained
+with evidence heads, ``evidence/<head>`` (B, K) their class probabilities (classes in ``geoloc.json``).
+The file holds the preprocessing (timm's evaluation transform in tensor ops: resize the short side to
 ``input_size / crop_pct``, centre crop, scale, normalize), the image encoder, the cell head and the
 cell centroids; with ``prototypes=true`` also the location-cluster prototypes of an index
 (:mod:`geoloc.index`), which rerank the top cells as ``refine=prototypes`` does and answer the
@@ -65,6 +66,7 @@ class ExportedGeolocator(nn.Module):
                  temperature: float = 0.05):
         super().__init__()
         self.backbone = _Backbone(net)
+        self.evidence = net.evidence  # evidence heads (issue 6): probabilities on the same features
         _, h, w = data_config["input_size"]
         self.crop_h, self.crop_w = int(h), int(w)
         self.scale_size = int(math.floor(min(h, w) / float(data_config.get("crop_pct", 1.0))))
@@ -127,13 +129,17 @@ class ExportedGeolocator(nn.Module):
             j = masked.argmax(dim=1)
             has = in_cell.any(dim=1)
             latlng = torch.where(has.unsqueeze(1), self.cluster_latlng[j], self.centroids[chosen])
-        return {"latlng": latlng, "topk_cells": cand[:, :self.topk], "topk_prob": p_cand[:, :self.topk],
-                "cell_prob": prob, "embedding": emb}
+        out = {"latlng": latlng, "topk_cells": cand[:, :self.topk], "topk_prob": p_cand[:, :self.topk],
+               "cell_prob": prob, "embedding": emb}
+        for head, layer in self.evidence.items():
+            out["evidence/" + head] = layer(features).float().softmax(-1)
+        return out
 
 
 def build_exported(ckpt: str | Path, *, topk: int = 5, prototypes: bool = False, index: str | Path | None = None,
                    candidates: int = 10, temperature: float = 0.05) -> tuple[ExportedGeolocator, dict]:
     """The eager export module for a checkpoint, and its metadata."""
+    from geoloc.evidence.labels import HEADS
     from geoloc.models.loading import load_checkpoint
 
     model = load_checkpoint(ckpt)
@@ -162,6 +168,7 @@ def build_exported(ckpt: str | Path, *, topk: int = 5, prototypes: bool = False,
                        "interpolation": module.mode, "mean": list(model.data_config["mean"]),
                        "std": list(model.data_config["std"])},
         "prototypes": bool(prototypes), "cells": names,
+        "evidence": {h: list(HEADS[h]) for h in model.net.evidence},
     }
     return module, meta
 
