@@ -163,7 +163,23 @@ class PriorPredictor:
         return {"name": self.name, "kind": "prior", "n_reference": len(self.reference), "seed": self.seed}
 
 
-REFINE_CHOICES = ("none", "prototypes", "gallery", "both")
+REFINE_CHOICES = ("none", "prototypes", "gallery", "both", "evidence", "prototypes+evidence", "gallery+evidence",
+                  "both+evidence")
+
+
+def _refine_parts(refine: str) -> set[str]:
+    if refine not in REFINE_CHOICES:
+        raise ValueError(f"refine must be one of {REFINE_CHOICES}, got {refine!r}")
+    parts = set(refine.split("+")) - {"none"}
+    return (parts - {"both"}) | ({"prototypes", "gallery"} if "both" in parts else set())
+
+
+def _refine_name(parts: set[str]) -> str:
+    base = {frozenset(): "none", frozenset({"prototypes"}): "prototypes", frozenset({"gallery"}): "gallery",
+            frozenset({"prototypes", "gallery"}): "both"}[frozenset(parts - {"evidence"})]
+    if "evidence" not in parts:
+        return base
+    return "evidence" if base == "none" else f"{base}+evidence"
 
 
 def _log_softmax_masked(scores: np.ndarray, temperature: float) -> np.ndarray | None:
@@ -200,6 +216,11 @@ class ModelPredictor:
       the best gallery point anywhere (GeoCLIP's own prediction).
     * ``"both"``: both terms in the fusion; the coordinate comes from the prototypes (the gallery point
       when the winning cell has no reference image).
+    * ``"evidence"`` (alone or ``+evidence`` after any of the above; issue 6): a product of experts with
+      the model's evidence heads: each candidate cell gains ``w_h log sum_k q_h(k) P_cell,h(k)``, where
+      ``q_h`` is head ``h``'s predicted distribution and ``P_cell,h`` the distribution of the cell's own
+      photos over that head's classes (the cells file's ``evidence_<head>`` columns). Needs a model
+      trained with evidence heads and cells built with ``evidence=true``.
 
     Without an index (``refine`` asks for prototypes but none was built) it falls back to cell
     centroids and says so in :meth:`describe`.
@@ -221,6 +242,8 @@ class ModelPredictor:
         temperature: ``T`` of the prototype scores.
         gallery_temperature: ``T`` of the gallery scores.
         weights: fusion weights ``{"cells", "prototypes", "gallery"}``.
+        evidence_weights: per evidence head, its weight in the evidence reranking; None: 1 for every
+            head the model has.
         batch_size: photos per forward pass.
         device: ``cpu`` or ``cuda``.
         compile: run the network through ``torch.compile`` (slower first batch, faster after).
@@ -232,16 +255,15 @@ class ModelPredictor:
     def __init__(self, ckpt: str, *, cells: str | None = None, refine: str = "none", index: str | None = None,
                  gallery: str | None = None, gallery_source: str = "mp16_gallery", gallery_restrict: bool = True,
                  gallery_backend: str = "blas", topk: int = 5, candidates: int = 10, temperature: float = 0.05,
-                 gallery_temperature: float = 0.05,
-                 weights: dict | None = None, batch_size: int = 64, device: str = "cpu", compile: bool = False,
-                 name: str = "model"):
+                 gallery_temperature: float = 0.05, weights: dict | None = None,
+                 evidence_weights: dict | None = None, batch_size: int = 64, device: str = "cpu",
+                 compile: bool = False, name: str = "model"):
         import torch
 
         from geoloc.lightning.datamodule import eval_transform
         from geoloc.models.loading import load_checkpoint
 
-        if refine not in REFINE_CHOICES:
-            raise ValueError(f"refine must be one of {REFINE_CHOICES}, got {refine!r}")
+        parts = _refine_parts(refine)
         self.name, self.topk, self.batch_size, self.device = name, int(topk), int(batch_size), device
         self.candidates = max(int(candidates), self.topk)
         self.temperature, self.gallery_temperature = float(temperature), float(gallery_temperature)
@@ -255,16 +277,29 @@ class ModelPredictor:
         self.transform = eval_transform(self.model.data_config)
         self.centroids = self.cells.centroids
         self.refine_requested = refine
-        self.index = self._load_index(index) if refine in ("prototypes", "both") else None
-        self.gallery = (self._load_gallery(gallery, gallery_source) if refine in ("gallery", "both") else None)
+        self.index = self._load_index(index) if "prototypes" in parts else None
+        self.gallery = self._load_gallery(gallery, gallery_source) if "gallery" in parts else None
+        self.evidence = self._load_evidence(evidence_weights) if "evidence" in parts else {}
         self.gallery_restrict = bool(gallery_restrict)
         if gallery_backend not in ("blas", "faiss"):
             raise ValueError(f"gallery_backend must be 'blas' or 'faiss', got {gallery_backend!r}")
         self.gallery_backend = gallery_backend
         self.gallery_source = gallery_source
-        use_p, use_g = self.index is not None, self.gallery is not None
-        self.refine = {(False, False): "none", (True, False): "prototypes", (False, True): "gallery",
-                       (True, True): "both"}[(use_p, use_g)]
+        self.refine = _refine_name({n for n, on in (("prototypes", self.index is not None),
+                                                     ("gallery", self.gallery is not None),
+                                                     ("evidence", bool(self.evidence))) if on})
+
+    def _load_evidence(self, weights: dict | None) -> dict[str, tuple[float, np.ndarray]]:
+        """Per head: its weight and the cells' ``(C, K)`` distributions over its classes."""
+        heads = list(self.net.evidence)
+        if not heads:
+            raise ValueError(f"{self.ckpt}: refine with evidence needs a model trained with evidence heads "
+                             "(train.py model.evidence={head: weight})")
+        weights = {h: 1.0 for h in heads} if weights is None else {str(h): float(w) for h, w in weights.items()}
+        unknown = sorted(set(weights) - set(heads))
+        if unknown:
+            raise ValueError(f"evidence_weights names {unknown}, but the model's evidence heads are {heads}")
+        return {h: (w, self.cells.evidence(h)) for h, w in weights.items() if w > 0}
 
     def _load_index(self, index: str | None):
         from geoloc.index import RetrievalIndex, default_index_dir
@@ -303,7 +338,8 @@ class ModelPredictor:
         """The network on a list of photos.
 
         Returns:
-            ``cell_prob (B, C)`` float32, ``features (B, D)`` and ``image_emb (B, E)`` (unnormalized).
+            ``cell_prob (B, C)`` float32, ``features (B, D)``, ``image_emb (B, E)`` (unnormalized) and
+            ``evidence/<head> (B, K)`` probabilities of the model's evidence heads.
         """
         import torch
 
@@ -313,8 +349,10 @@ class ModelPredictor:
                 x = torch.stack([self.transform(im) for im in images[s:s + self.batch_size]]).to(self.device)
                 o = self._forward(x)
                 outs.append({"cell_prob": o["cell_logits"].float().softmax(-1).cpu(),
-                             "features": o["features"].float().cpu(), "image_emb": o["image_emb"].float().cpu()})
-        return {k: torch.cat([o[k] for o in outs]).numpy() for k in ("cell_prob", "features", "image_emb")}
+                             "features": o["features"].float().cpu(), "image_emb": o["image_emb"].float().cpu(),
+                             **{f"evidence/{h}": o[f"evidence/{h}"].float().softmax(-1).cpu()
+                                for h in self.net.evidence}})
+        return {k: torch.cat([o[k] for o in outs]).numpy() for k in outs[0]} if outs else {}
 
     def refine_batch(self, out: dict[str, np.ndarray]) -> Prediction:
         """Cell ranking, retrieval refinement and the final coordinate from :meth:`forward`'s outputs."""
@@ -338,6 +376,10 @@ class ModelPredictor:
             term = _log_softmax_masked(gal_s, self.gallery_temperature)
             if term is not None:
                 fused = fused + self.weights["gallery"] * term
+        for head, (w, dist) in self.evidence.items():
+            # how well each candidate cell's photos explain the predicted evidence (product of experts)
+            agree = np.einsum("bk,bck->bc", out[f"evidence/{head}"], dist[cand])  # (B, K candidates)
+            fused = fused + w * np.log(np.maximum(agree, 1e-12))
         # fused probabilities over the candidates, on the scale of the classifier's (same total mass)
         post = np.exp(fused - fused.max(axis=1, keepdims=True))
         post = post / post.sum(axis=1, keepdims=True) * p_cand.sum(axis=1, keepdims=True)
@@ -375,6 +417,8 @@ class ModelPredictor:
             d.update(candidates=self.candidates, weights=self.weights)
         if self.index is not None:
             d.update(index=str(self.index_path), temperature=self.temperature)
+        if self.evidence:
+            d.update(evidence_weights={h: w for h, (w, _) in self.evidence.items()})
         if self.gallery is not None:
             d.update(gallery=str(self.gallery_path), gallery_n=len(self.gallery),
                      gallery_temperature=self.gallery_temperature, gallery_restrict=self.gallery_restrict,

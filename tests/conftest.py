@@ -26,6 +26,34 @@ TINY_TRAIN = ["backbone=test_vit", "model.location_encoder.hidden=32", "model.lo
               "model.module.queue_size=64", "num_workers=0", "batch_size=16", "trainer.enable_progress_bar=false"]
 
 
+def _train_tiny(root: Path, *extra: str, evidence_cells: bool = False) -> dict:
+    """A real (tiny) train.py run on a 240-image embedded sample; returns its files."""
+    from hydra import compose, initialize_config_dir
+
+    from geocells.boundaries import load_boundaries
+    from geocells.build import add_cell_evidence, build_geocells, write_geocells
+    from geoloc.data.readers import read_sample
+    from geoloc.data.sample import ensure_sample
+    from train import train
+
+    folder = ensure_sample(root / "sample", n_images=240)
+    points = read_sample(folder, split="train", n_images=240).latlng
+    cells, _ = build_geocells(points, load_boundaries(), min_points=5, max_points=40)
+    if evidence_cells:
+        cells = add_cell_evidence(cells, points)
+    cells_path = write_geocells(cells, root / "cells.parquet", meta={"scheme": "semantic"})
+    run = root / "run"
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            *TINY_TRAIN, f"cells={cells_path}", f"data.root={folder}", "data.n_images=240", f"output_dir={run}",
+            "trainer.max_steps=6", "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "logger=none",
+            *extra])
+    train(cfg)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    return {"sample": folder, "cells": Path(cells_path), "ckpt": ckpt, "run": run}
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> dict:
     """A real (tiny) train.py run on a 240-image embedded sample, for everything that needs a checkpoint.
@@ -33,25 +61,11 @@ def tiny_run(tmp_path_factory) -> dict:
     Returns ``{"sample": folder, "cells": cells.parquet, "ckpt": RUN/checkpoints/last.ckpt, "run": RUN}``.
     Trained for 6 steps: the weights are not good, but every file a real run writes is there.
     """
-    from hydra import compose, initialize_config_dir
+    return _train_tiny(tmp_path_factory.mktemp("tiny_run"))
 
-    from geocells.boundaries import load_boundaries
-    from geocells.build import build_geocells, write_geocells
-    from geoloc.data.readers import read_sample
-    from geoloc.data.sample import ensure_sample
-    from train import train
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    folder = ensure_sample(root / "sample", n_images=240)
-    cells, _ = build_geocells(read_sample(folder, split="train", n_images=240).latlng, load_boundaries(),
-                              min_points=5, max_points=40)
-    cells_path = write_geocells(cells, root / "cells.parquet", meta={"scheme": "semantic"})
-    run = root / "run"
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            *TINY_TRAIN, f"cells={cells_path}", f"data.root={folder}", "data.n_images=240", f"output_dir={run}",
-            "trainer.max_steps=6", "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "logger=none"])
-    train(cfg)
-    ckpt = run / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file()
-    return {"sample": folder, "cells": Path(cells_path), "ckpt": ckpt, "run": run}
+@pytest.fixture(scope="session")
+def tiny_evidence_run(tmp_path_factory) -> dict:
+    """Like :func:`tiny_run`, with evidence heads (land, koppen_group, hemisphere) and cell evidence."""
+    return _train_tiny(tmp_path_factory.mktemp("tiny_evidence_run"),
+                       "model.evidence={land: 1.0, koppen_group: 1.0, hemisphere: 1.0}", evidence_cells=True)

@@ -121,31 +121,13 @@ def test_cli(tiny_run, tmp_path):
     assert meta["topk"] == 2 and len(meta["cells"]["country"]) == meta["num_cells"]
 
 
-def test_export_returns_evidence_probabilities(tmp_path):
+def test_export_returns_evidence_probabilities(tiny_evidence_run, tmp_path):
     """A model trained with evidence heads exports their probabilities, named in geoloc.json."""
-    from hydra import compose, initialize_config_dir
-
-    from geocells.boundaries import load_boundaries
-    from geocells.build import build_geocells, write_geocells
-    from geoloc.data.readers import read_sample
-    from geoloc.data.sample import ensure_sample
-    from train import train
-
-    from .conftest import TINY_TRAIN
-
-    folder = ensure_sample(tmp_path / "s", n_images=240)
-    cells, _ = build_geocells(read_sample(folder, split="train", n_images=240).latlng, load_boundaries(),
-                              min_points=5, max_points=40)
-    cells_path = write_geocells(cells, tmp_path / "cells.parquet", meta={"scheme": "semantic"})
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            *TINY_TRAIN, f"cells={cells_path}", f"data.root={folder}", "data.n_images=240",
-            f"output_dir={tmp_path / 'run'}", "trainer.max_steps=2", "logger=none",
-            "model.evidence={land: 1.0, koppen_group: 1.0}"])
-    train(cfg)
-    path, meta = export(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "m.pt")
-    assert meta["evidence"] == {"land": ["sea", "land"], "koppen_group": ["A", "B", "C", "D", "E"]}
-    module, _ = build_exported(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    ckpt = tiny_evidence_run["ckpt"]
+    path, meta = export(ckpt, tmp_path / "m.pt")
+    assert meta["evidence"] == {"land": ["sea", "land"], "koppen_group": ["A", "B", "C", "D", "E"],
+                                "hemisphere": ["north", "south"]}
+    module, _ = build_exported(ckpt)
     x = torch.randint(0, 256, (3, 3, 70, 90), dtype=torch.uint8)
     with torch.no_grad():
         eager, ts = module(x), torch.jit.load(str(path))(x)

@@ -167,3 +167,45 @@ def test_a_run_with_relative_paths_loads_from_any_folder(tiny_run, tmp_path, mon
     monkeypatch.chdir(tmp_path)  # neither the project root nor the run folder
     pred = ModelPredictor(str(run / "checkpoints" / "last.ckpt"))
     assert pred.cells_path == str(root / "outputs" / "cells.parquet")
+
+
+def test_evidence_reranking_is_a_product_of_experts(tiny_evidence_run):
+    from geoloc.data.images import SkipReport
+    from geoloc.data.readers import read_sample
+
+    ckpt = str(tiny_evidence_run["ckpt"])
+    pred = ModelPredictor(ckpt, refine="evidence", topk=3, candidates=4)
+    assert pred.describe()["refine"] == "evidence"
+    assert set(pred.describe()["evidence_weights"]) == {"land", "koppen_group", "hemisphere"}
+    C = len(pred.cells)
+    hemi = pred.cells.evidence("hemisphere")
+    south = int(np.argmax(hemi[:, 1]))  # the most southern cell, and the three most northern
+    north = [int(c) for c in np.argsort(hemi[:, 1], kind="stable")[:3]]
+    assert hemi[south, 1] > 0.8 and hemi[north, 1].max() < 0.2
+    cand = [*north, south]
+    prob = np.full((1, C), 0.2 / (C - 4))
+    prob[0, cand] = [0.4, 0.2, 0.1, 0.1]
+    out = {"cell_prob": prob.astype(np.float32), "features": np.zeros((1, 4), np.float32),
+           "image_emb": np.zeros((1, 4), np.float32),
+           "evidence/land": np.array([[0.5, 0.5]]), "evidence/koppen_group": np.full((1, 5), 0.2),
+           "evidence/hemisphere": np.array([[0.001, 0.999]])}
+    res = pred.refine_batch(out)
+    assert res.topk_cells[0, 0] == south  # confident "south" evidence moves the answer to a southern cell
+    # by hand: log p + sum_h log sum_k q_h(k) P_cell,h(k)
+    score = np.log(prob[0, cand]) + sum(np.log(pred.cells.evidence(h)[cand] @ out[f"evidence/{h}"][0])
+                                        for h in ("land", "koppen_group", "hemisphere"))
+    assert res.topk_cells[0, 0] == cand[int(np.argmax(score))]
+    assert np.array_equal(res.topk_cells[0], np.array(cand)[np.argsort(-score, kind="stable")][:3])
+    # without the evidence the classifier's choice stands
+    assert ModelPredictor(ckpt, topk=3, candidates=4).refine_batch(out).topk_cells[0, 0] == north[0]
+    # the real path end to end
+    items = list(read_sample(tiny_evidence_run["sample"], split="test", n_images=240).iter_items(SkipReport()))[:5]
+    p = pred.predict([it.image for it in items], [it.key for it in items])
+    assert p.latlng.shape == (5, 2) and np.isfinite(p.topk_prob).all()
+    with pytest.raises(ValueError, match="evidence_weights names"):
+        ModelPredictor(ckpt, refine="evidence", evidence_weights={"coast": 1.0})
+
+
+def test_evidence_refine_needs_evidence_heads(tiny_run):
+    with pytest.raises(ValueError, match="trained with evidence heads"):
+        ModelPredictor(str(tiny_run["ckpt"]), refine="evidence")
