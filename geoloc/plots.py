@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -59,15 +60,20 @@ def error_cdf(runs: dict[str, np.ndarray], path: str | Path, title: str = "") ->
     return _save(plt, fig, path)
 
 
+@functools.lru_cache(maxsize=2)
+def _country_outlines(boundaries: str | None):
+    """Country borders (admin-1 regions dissolved by country), read and dissolved once per process."""
+    import geopandas as gpd
+
+    from geoloc.countries import admin_boundaries_path
+
+    gdf = gpd.read_parquet(boundaries or admin_boundaries_path())
+    return (gdf.dissolve("adm0_a3") if "adm0_a3" in gdf.columns else gdf).boundary
+
+
 def _outlines(ax, boundaries: str | Path | None) -> None:
     try:
-        import geopandas as gpd
-
-        from geoloc.countries import admin_boundaries_path
-
-        gdf = gpd.read_parquet(boundaries or admin_boundaries_path())
-        gdf = gdf.dissolve("adm0_a3") if "adm0_a3" in gdf.columns else gdf
-        gdf.boundary.plot(ax=ax, color="0.6", lw=0.3, zorder=1)
+        _country_outlines(str(boundaries) if boundaries else None).plot(ax=ax, color="0.6", lw=0.3, zorder=1)
     except (ImportError, FileNotFoundError, ModuleNotFoundError):  # a map without outlines still shows errors
         pass
 
