@@ -101,6 +101,8 @@ class AdminLookup:
             raise ValueError(f"{self.path}: no column(s) {missing}; found {list(gdf.columns)}")
         self.adm0 = gdf["adm0_a3"].fillna("").astype(str).to_numpy(dtype=object)
         self.admin1 = gdf["admin1_code"].fillna("").astype(str).to_numpy(dtype=object)
+        self.iso_a2 = (gdf["iso_a2"].fillna("").astype(str).to_numpy(dtype=object)
+                       if "iso_a2" in gdf.columns else np.full(len(gdf), "", dtype=object))
         self.continent = (gdf["continent"].fillna("").astype(str).to_numpy(dtype=object)
                           if "continent" in gdf.columns else np.full(len(gdf), "", dtype=object))
         self._tree = shapely.STRtree(shapely.make_valid(gdf.geometry.to_numpy()))

@@ -36,7 +36,30 @@ def test_golden_places():
     coast = _names(df, "coast")
     assert coast[1] == "1-10 km" and coast[5] == "1-10 km"  # Sydney, Reykjavik: on the water
     assert coast[3] == ">= 200 km" and coast[4] == ">= 200 km" and coast[2] == ">= 200 km"  # mid-ocean too
+    assert _names(df, "driving_side") == ["right", "left", None, "right", "right", "right", None]
+    assert _names(df, "script") == ["Latin", "Latin", None, "Latin", "Arabic", "Latin", None]
     assert evidence_labels(PLACES)["scene"].eq(-1).all()  # no scene column: masked
+
+
+def test_driving_side_and_script_of_countries():
+    places = np.array([[51.5072, -0.1276], [35.6762, 139.6503], [28.6139, 77.2090], [55.7558, 37.6173],
+                       [31.7683, 35.2137], [13.7563, 100.5018], [37.5665, 126.9780], [37.9838, 23.7275],
+                       [30.0444, 31.2357], [39.9042, 116.4074]])  # London Tokyo Delhi Moscow Jerusalem ...
+    df = evidence_labels(places)
+    assert _names(df, "driving_side") == ["left", "left", "left", "right", "right", "left", "right", "right",
+                                          "right", "right"]
+    assert _names(df, "script") == ["Latin", "Japanese", "Devanagari", "Cyrillic", "Hebrew", "Thai", "Korean",
+                                    "Greek", "Arabic", "Han"]
+
+
+def test_country_table_covers_the_countries_and_names_its_sources():
+    from geoloc.evidence.country_tables import SCRIPTS, country_table
+
+    t = country_table()
+    assert len(t) > 240 and t.index.is_unique
+    assert set(t["driving_side"]) == {"left", "right"}
+    assert set(t["main_script"]) - {""} <= set(SCRIPTS)
+    assert 60 < (t["driving_side"] == "left").sum() < 90  # about a third of the world's territories
 
 
 def test_coast_distance_is_great_circle_and_wraps_the_antimeridian():

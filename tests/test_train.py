@@ -194,3 +194,28 @@ def test_collate_carries_evidence_labels(sample):
     assert collate.skipped["unreadable"] == 1
     empty = collate([{"bad": "missing", "key": "y"}])
     assert empty["evidence/land"].shape == (0,)
+
+
+def test_scene_labels_reach_the_batch_from_tables_and_shards(sample, tmp_path):
+    """The scene head's label is the dataset's S3_Label (photos without one are masked)."""
+    import numpy as np
+    import pandas as pd
+
+    from geoloc.cells import Geocells
+    from geoloc.data.shards import make_webdataset, write_shards
+    from geoloc.lightning.datamodule import Collate, _Photos
+
+    folder, cells = sample
+    ds = read_sample(folder, split="train", n_images=240)
+    ds = ds.subset(np.arange(len(ds)) < 6)
+    ds.table["S3_Label"] = pd.Series([0, 1, 2, None, "x", 2.0], dtype=object)
+    collate = Collate(Geocells.load(cells), ("scene", "land"))
+    photos = _Photos(ds, lambda im: torch.zeros(3, 4, 4), scene=True)
+    assert collate([photos[i] for i in range(6)])["evidence/scene"].tolist() == [0, 1, 2, -1, -1, 2]
+    assert len(_Photos(ds, lambda im: torch.zeros(3, 4, 4))[0]) == 3  # without the scene head: as before
+    write_shards(ds, tmp_path / "shards", split="train")
+    stream = make_webdataset(tmp_path / "shards", split="train", shuffle=0, scene=True,
+                             transform=lambda im: torch.zeros(3, 4, 4))
+    batch = collate(list(stream))
+    expect = dict(zip(ds.table["key"], [0, 1, 2, -1, -1, 2]))
+    assert batch["evidence/scene"].tolist() == [expect[k] for k in batch["key"]]

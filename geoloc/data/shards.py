@@ -677,22 +677,35 @@ class ShardDataset:
 # ---------------------------------------------------------------------------------------------- training
 
 
-class _DecodeSample:
-    """Webdataset map stage: a raw sample dict to ``(image_or_transformed, latlng (2,) float32, key)``."""
+def scene_label(value) -> int:
+    """A Places365 ``S3_Label`` value (0 indoor, 1 natural, 2 urban) as an int; -1 when missing or invalid."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return -1
+    return int(v) if v in (0.0, 1.0, 2.0) else -1
 
-    def __init__(self, transform: Callable | None, max_pixels: int):
+
+class _DecodeSample:
+    """Webdataset map stage: a raw sample dict to ``(image_or_transformed, latlng (2,) float32, key)``, and
+    with ``scene`` the sample's :func:`scene_label` as a fourth element."""
+
+    def __init__(self, transform: Callable | None, max_pixels: int, scene: bool = False):
         self.transform = transform
         self.max_pixels = max_pixels
+        self.scene = scene
 
     def __call__(self, sample: dict):
         import torch
 
         where = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
-        key, latlng, _ = _parse_record(sample.get("json"), where)
+        key, latlng, meta = _parse_record(sample.get("json"), where)
         if "jpg" not in sample:
             raise ValueError(f"{where}: no .jpg member")
         image = decode_image(sample["jpg"], name=f"{where}.jpg", max_pixels=self.max_pixels)
         x = self.transform(image) if self.transform is not None else image
+        if self.scene:
+            return x, torch.tensor(latlng, dtype=torch.float32), key, scene_label(meta.get("S3_Label"))
         return x, torch.tensor(latlng, dtype=torch.float32), key
 
 
@@ -721,14 +734,16 @@ class SkipCounter:
 def make_webdataset(urls: str | Path | Sequence[str | Path], *, split: str | None = None, shuffle: int = 1000,
                     seed: int = 0, resampled: bool = False, transform: Callable | None = None,
                     epoch_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    handler: Callable[[Exception], bool] | None = None, empty_check: bool = True):
+                    handler: Callable[[Exception], bool] | None = None, empty_check: bool = True,
+                    scene: bool = False):
     """The training stream over shards: a ``webdataset.WebDataset`` pipeline.
 
     Stages: shard list -> ``wds.split_by_node`` -> ``wds.split_by_worker`` -> seeded shard shuffle ->
     tar reading -> seeded sample shuffle buffer (``shuffle`` samples) -> decode. Each element is a tuple
     ``(x, latlng, key)``: ``x`` is the upright RGB ``PIL.Image`` or ``transform(image)``, ``latlng`` a
-    float32 tensor ``(2,)`` ``[lat, lng]`` in degrees, ``key`` the original image id. Give a
-    ``transform`` returning tensors to use torch's default collate.
+    float32 tensor ``(2,)`` ``[lat, lng]`` in degrees, ``key`` the original image id; with ``scene`` a
+    fourth element, the ``S3_Label`` of the source row (-1 when it has none). Give a ``transform``
+    returning tensors to use torch's default collate.
 
     Splitting (webdataset 1.0.2): shards are dealt out *before* shuffling, in the order given: rank ``r``
     of ``W`` (``RANK``/``WORLD_SIZE`` from the environment if both are set, else ``torch.distributed`` if
@@ -761,6 +776,7 @@ def make_webdataset(urls: str | Path | Sequence[str | Path], *, split: str | Non
         handler: called with each exception from a bad shard or sample; returns True to skip it. Defaults
             to a :class:`SkipCounter`, available as the returned pipeline's ``skip_counter``.
         empty_check: raise when a worker's stream turns out empty (webdataset's check).
+        scene: also yield each sample's scene label (for the ``scene`` evidence head).
 
     Returns:
         An iterable ``webdataset.WebDataset``, usable as a torch ``IterableDataset``.
@@ -778,7 +794,7 @@ def make_webdataset(urls: str | Path | Sequence[str | Path], *, split: str | Non
                         empty_check=empty_check)
     if shuffle and shuffle > 1:
         ds = ds.compose(wds.detshuffle(int(shuffle), initial=min(int(shuffle), 100), seed=seed))
-    ds = ds.map(_DecodeSample(transform, max_pixels), handler=handler)
+    ds = ds.map(_DecodeSample(transform, max_pixels, scene), handler=handler)
     if epoch_size is not None:
         ds = ds.with_epoch(int(epoch_size))
     ds.skip_counter = counter

@@ -18,6 +18,11 @@ coast          distance to the coastline in bands: < 1, 1-10, 10-50, 50-200, >= 
 hemisphere     north (lat >= 0), south
 continent      the Natural Earth continent of the admin region holding the point (the project's
                boundary file); masked outside every region (sea, coastline simplification)
+driving_side   left, right: the side of the road traffic keeps to in the country holding the point
+               (:mod:`geoloc.evidence.country_tables`, from country-coder); masked outside countries
+script         the main writing script of that country (Latin, Cyrillic, Arabic, Han, Japanese, Korean,
+               Devanagari, Bengali, Thai, Greek, Hebrew, Georgian, Armenian, Ethiopic, other; from
+               CLDR's territory languages); masked outside countries
 scene          indoor, natural, urban: the Places365 ``S3_Label`` column (0, 1, 2) of Im2GPS3k
                and MP-16 metadata; masked where a dataset has no such column
 =============  =================================================================================
@@ -38,11 +43,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from geoloc.evidence.country_tables import SCRIPTS, country_table
 from geoloc.evidence.landcover import IGBP_CLASSES, land_cover
 from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
 from geoloc.io import atomic_path
 
-EVIDENCE_VERSION = 2  # 2: + land_cover
+EVIDENCE_VERSION = 3  # 2: + land_cover; 3: + driving_side, script
 KOPPEN_CLASSES: tuple[str, ...] = (
     "Af", "Am", "Aw", "BWh", "BWk", "BSh", "BSk", "Csa", "Csb", "Csc", "Cwa", "Cwb", "Cwc", "Cfa", "Cfb", "Cfc",
     "Dsa", "Dsb", "Dsc", "Dsd", "Dwa", "Dwb", "Dwc", "Dwd", "Dfa", "Dfb", "Dfc", "Dfd", "ET", "EF",
@@ -59,6 +65,8 @@ HEADS: dict[str, tuple[str, ...]] = {
     "coast": ("< 1 km", "1-10 km", "10-50 km", "50-200 km", ">= 200 km"),
     "hemisphere": ("north", "south"),
     "continent": CONTINENTS,
+    "driving_side": ("left", "right"),
+    "script": SCRIPTS,
     "scene": ("indoor", "natural", "urban"),
 }
 
@@ -90,6 +98,18 @@ def _coastline():
     lats = lat0 + dlat * (i * step + step / 2)
     lngs = -180.0 + 0.05 * (j + 0.5)
     return cKDTree(latlng_to_xyz(np.column_stack([lats, lngs])))
+
+
+def _country_attribute(lookup, region: np.ndarray, column: str) -> np.ndarray:
+    """A column of the country table for each point's admin region (``''`` outside every country).
+
+    Regions are joined by ISO alpha-2, then by alpha-3 (Natural Earth leaves ``iso_a2`` empty for a few)."""
+    table = country_table()
+    by_a2 = dict(zip(table["iso_a2"], table[column]))
+    by_a3 = table[column].to_dict()
+    per_region = np.array([by_a2.get(a2) or by_a3.get(a3, "") for a2, a3 in zip(lookup.iso_a2, lookup.adm0)],
+                          dtype=object)
+    return np.where(region >= 0, per_region[np.maximum(region, 0)], "")
 
 
 def coast_distance_km(latlng) -> np.ndarray:
@@ -124,6 +144,8 @@ def evidence_labels(latlng, *, scene=None) -> pd.DataFrame:
     region = lookup.regions(latlng)
     continent = np.where(region >= 0, lookup.continent[np.maximum(region, 0)], "")
     out["continent"] = _codes(continent, HEADS["continent"])
+    for head, col in (("driving_side", "driving_side"), ("script", "main_script")):
+        out[head] = _codes(_country_attribute(lookup, region, col), HEADS[head])
     if scene is None:
         out["scene"] = np.full(n, -1, np.int16)
     else:

@@ -47,14 +47,20 @@ def eval_transform(data_config: dict):
 
 
 class _Photos(Dataset):
-    """Map-style view of a GeoDataset: ``(image tensor, latlng, key)``, or a dict naming a bad photo.
+    """Map-style view of a GeoDataset: ``(image tensor, latlng, key)`` (with ``scene``, plus the row's
+    ``S3_Label`` scene label, -1 where it has none), or a dict naming a bad photo.
 
     Index ``k`` means photo ``k % N`` in epoch ``k // N`` (see :class:`EpochSampler`); its random
     augmentation is seeded by ``(seed, k)``, so a resumed run sees exactly the same pixels.
     """
 
-    def __init__(self, ds: GeoDataset, transform, seed: int = 0):
+    def __init__(self, ds: GeoDataset, transform, seed: int = 0, scene: bool = False):
+        from geoloc.data.shards import scene_label
+
         self.paths = ds.table["path"].to_numpy()
+        col = ds.table["S3_Label"] if "S3_Label" in ds.table.columns else None
+        self.scene = (np.array([scene_label(v) for v in col], np.int64) if col is not None
+                      else np.full(len(self.paths), -1, np.int64)) if scene else None
         self.latlng = ds.latlng.astype(np.float32)
         self.keys = ds.table["key"].to_numpy()
         self.transform = transform
@@ -73,6 +79,8 @@ class _Photos(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + k)
             x = self.transform(img)
+        if self.scene is not None:
+            return x, torch.from_numpy(self.latlng[i]), str(self.keys[i]), int(self.scene[i])
         return x, torch.from_numpy(self.latlng[i]), str(self.keys[i])
 
 
@@ -104,7 +112,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
 class Collate:
     """Stacks a batch, drops bad photos (counted), assigns geocell labels and, for the evidence heads
-    asked for, their labels from the coordinates (``evidence/<head>``, -1 where masked)."""
+    asked for, their labels from the coordinates (``evidence/<head>``, -1 where masked). The ``scene``
+    label comes from the samples' fourth element when they carry one (masked otherwise)."""
 
     def __init__(self, cells: Geocells, evidence_heads: tuple[str, ...] = ()):
         self.cells = cells
@@ -119,7 +128,7 @@ class Collate:
         if not good:
             return {"image": torch.zeros(0), "latlng": torch.zeros(0, 2), "cell": torch.zeros(0, dtype=torch.long),
                     "key": [], **{f"evidence/{h}": torch.zeros(0, dtype=torch.long) for h in self.evidence_heads}}
-        images, latlng, keys = zip(*good)
+        images, latlng, keys, *rest = zip(*good)
         latlng = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in latlng])
         ll = latlng.numpy().astype(np.float64)
         batch = {"image": torch.stack(images), "latlng": latlng, "cell": torch.from_numpy(self.cells.assign(ll)),
@@ -127,7 +136,7 @@ class Collate:
         if self.evidence_heads:
             from geoloc.evidence.labels import evidence_labels
 
-            labels = evidence_labels(ll)
+            labels = evidence_labels(ll, scene=np.asarray(rest[0]) if rest else None)
             for h in self.evidence_heads:
                 batch[f"evidence/{h}"] = torch.from_numpy(labels[h].to_numpy(np.int64))
         return batch
@@ -178,16 +187,18 @@ class GeoDataModule(pl.LightningDataModule):
             raise RuntimeError("GeoDataModule.set_data_config(backbone.data_config) must be called first")
         transform = train_transform(self.data_config) if train else eval_transform(self.data_config)
         collate = Collate(self.cells, self.evidence_heads)
+        scene = "scene" in self.evidence_heads
         common = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
                       persistent_workers=self.num_workers > 0)
         if isinstance(source, GeoDataset):
             rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
             sampler = EpochSampler(len(source), seed=self.seed, shuffle=train, rank=rank, world_size=world)
-            return DataLoader(_Photos(source, transform, seed=self.seed), sampler=sampler, drop_last=train,
+            return DataLoader(_Photos(source, transform, seed=self.seed, scene=scene), sampler=sampler,
+                              drop_last=train,
                               **common)
         from geoloc.data.shards import make_webdataset
 
-        stream = make_webdataset(source.shards, shuffle=self.shuffle_buffer if train else 0,
+        stream = make_webdataset(source.shards, shuffle=self.shuffle_buffer if train else 0, scene=scene,
                                  seed=self.seed, transform=transform, epoch_size=self.epoch_size if train else None)
         return DataLoader(stream, **common)
 
