@@ -9,6 +9,9 @@ Outputs in ``output_dir``:
   see :func:`geoloc.metrics.cell_ranking`), appended and fsynced batch by batch, so a killed run
   resumes where it stopped;
 * ``skipped.csv``: ``IMG_ID,reason,detail`` for each photo that could not be used;
+* ``explanations.jsonl`` (predictors with ``explain`` on): one reasoning chain per photo,
+  ``{"IMG_ID", "stages", "claims", "checks", "text"}`` (:mod:`geoloc.evidence.verbalize`), written
+  before its prediction row; a resumed run may repeat a chain (the last line of an ``IMG_ID`` wins);
 * ``metrics.json``: ``n``, ``n_skipped``, ``acc_{1,25,200,750,2500}km`` (percent), ``median_km``,
   ``mean_km``, ``geoscore``, ``acc_country``/``n_country``, ``acc_admin1``/``n_admin1`` and, for
   predictors that rank geocells, ``acc_cell_top1``, ``ece_top1`` (+ ``calibration_bins``),
@@ -29,6 +32,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -133,6 +137,7 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred_path, skip_path, run_path = out / "predictions.csv", out / "skipped.csv", out / "run.json"
+    chain_path = out / "explanations.jsonl"
     info = run_info or {}
     if resume and run_path.exists() and pred_path.exists():
         before = json.loads(run_path.read_text())
@@ -142,10 +147,10 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
                 f"{info.get('predictor')} on {info.get('dataset')}; use another output_dir or resume=false"
             )
     if not resume:
-        for p in (pred_path, skip_path):
+        for p in (pred_path, skip_path, chain_path):
             p.unlink(missing_ok=True)
     atomic_write_json(run_path, info)
-    for p in (pred_path, skip_path):
+    for p in (pred_path, skip_path, chain_path):
         _complete_lines(p)
     done = _done_keys(pred_path) | _done_keys(skip_path)
     skipped = SkipReport()
@@ -158,7 +163,8 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
     header_written = pred_path.exists() and pred_path.stat().st_size > 0
     existing_header = pd.read_csv(pred_path, nrows=0).columns.tolist() if header_written else None
     cells = getattr(predictor, "cells", None)  # predictors that rank geocells get the cell-level columns
-    with open(pred_path, "a", newline="") as pf, open(skip_path, "a", newline="") as sf:
+    with open(pred_path, "a", newline="") as pf, open(skip_path, "a", newline="") as sf, \
+            open(chain_path, "a", encoding="utf-8") if getattr(predictor, "explain", False) else nullcontext() as cf:
         pw, sw = csv.writer(pf), csv.writer(sf)
         if sf.tell() == 0:
             sw.writerow(SKIP_COLUMNS)
@@ -179,6 +185,10 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
                 raise ValueError(f"{pred_path}: its columns {existing_header} differ from this run's {header}; "
                                  "use another output_dir or resume=false")
             existing_header = None  # checked once per call
+            if cf is not None and pred.explanations is not None:  # before the rows: a done row has its chain
+                cf.writelines(json.dumps({"IMG_ID": it.key, **chain}, ensure_ascii=False) + "\n"
+                              for it, chain in zip(batch, pred.explanations))
+                cf.flush()
             pw.writerows(rows)
             new_skips = skipped.items[n_skip_written:]
             sw.writerows([list(s) for s in new_skips])

@@ -3,11 +3,16 @@
     geoloc-predict photo.jpg other.png --model RUN/checkpoints/best.ckpt
     geoloc-predict photos/*.jpg --model ... --json                      # one JSON object per photo
     geoloc-predict photo.jpg --model ... --refine prototypes --topk 3
+    geoloc-predict photo.jpg --model ... --explain [--ocr]               # the reasoning chain too
 
 Prints the predicted location, the top geocells with their country, region and probability, and the
 GPS position in the photo's EXIF when there is one, with its distance from the prediction. The EXIF
 position is only reported, never used to predict. Photos that cannot be read are reported with the
 reason and the others still run; the exit status is 1 when any photo failed.
+
+``--explain`` adds the reasoning chain (:mod:`geoloc.evidence.verbalize`): scene, environment cues and
+region, each claim with the probability a head of the model computed, and how the evidence agrees with
+each top cell; ``--ocr`` also reads text in the photo (needs ``rapidocr-onnxruntime``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 
 from geoloc.data.images import ImageError, decode_image, read_exif_latlng
 from geoloc.geo import haversine_km
+from geoloc.predictors import REFINE_CHOICES
 
 
 def _fmt_latlng(lat: float, lng: float) -> str:
@@ -42,6 +48,9 @@ def predict_files(paths: list[str], predictor, *, batch_size: int = 32) -> list[
     """Runs the predictor on image files; one result dict per path, in order (``error`` set on failure)."""
     results: list[dict] = [{"path": p, "latlng": None, "top_cells": [], "exif_latlng": None,
                             "exif_distance_km": None, "error": None} for p in paths]
+    if getattr(predictor, "explain", False):
+        for r in results:
+            r["explanation"] = None
     good, images = [], []
     for i, p in enumerate(paths):
         try:
@@ -60,6 +69,8 @@ def predict_files(paths: list[str], predictor, *, batch_size: int = 32) -> list[
             r["latlng"] = [float(v) for v in out.latlng[j]]
             r["top_cells"] = [{**_cell_info(table, c), "prob": float(p)}
                               for c, p in zip(out.topk_cells[j], out.topk_prob[j])]
+            if out.explanations is not None:
+                r["explanation"] = out.explanations[j]
             if r["exif_latlng"] is not None:
                 r["exif_distance_km"] = float(haversine_km(np.array([r["latlng"]]), np.array([r["exif_latlng"]]))[0])
     return results
@@ -78,6 +89,9 @@ def format_text(r: dict) -> str:
     if r["exif_latlng"] is not None:
         lines.append(f"  EXIF GPS: {_fmt_latlng(*r['exif_latlng'])} ({r['exif_distance_km']:,.0f} km from the "
                      "prediction; reported only, not used)")
+    if r.get("explanation"):
+        lines.append("  Why:")
+        lines.extend("  " + line for line in r["explanation"]["text"].splitlines())
     return "\n".join(lines)
 
 
@@ -87,19 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--model", required=True, help="a checkpoint written by train.py (RUN/checkpoints/*.ckpt)")
     parser.add_argument("--topk", type=int, default=5, help="ranked cells to show")
-    parser.add_argument("--refine", default="none", choices=["none", "prototypes", "gallery", "both"])
+    parser.add_argument("--refine", default="none", choices=list(REFINE_CHOICES))
     parser.add_argument("--index", default=None, help="retrieval index folder (default RUN/index_v1)")
     parser.add_argument("--cells", default=None, help="geocells file (default: the run's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
+    parser.add_argument("--explain", action="store_true",
+                        help="the reasoning chain: scene, environment cues, region, each with its probability")
+    parser.add_argument("--ocr", action="store_true", help="with --explain: also read text in the photo "
+                        "(needs rapidocr-onnxruntime)")
     args = parser.parse_args(argv)
 
     from geoloc.predictors import ModelPredictor
 
     try:
         predictor = ModelPredictor(args.model, cells=args.cells, refine=args.refine, index=args.index,
-                                   topk=args.topk, device=args.device)
-    except (FileNotFoundError, ValueError) as e:
+                                   topk=args.topk, device=args.device, explain=args.explain,
+                                   ocr=args.ocr and args.explain)
+    except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"geoloc-predict: {e}", file=sys.stderr)
         return 2
     results = predict_files(args.images, predictor)

@@ -34,6 +34,7 @@ class Prediction:
         topk_cells: optional ``(B, K)`` int64 geocell ids of the alternatives (models only).
         cell_prob: optional ``(B, C)`` float32 probability of every geocell (the classifier's softmax), for
             the cell-level metrics (Recall-vs-Area, calibration); the predictor's ``cells`` says which cells.
+        explanations: optional, one reasoning chain per photo (:func:`geoloc.evidence.verbalize.explain`).
     """
 
     latlng: np.ndarray
@@ -41,6 +42,7 @@ class Prediction:
     topk_prob: np.ndarray | None = None
     topk_cells: np.ndarray | None = None
     cell_prob: np.ndarray | None = None
+    explanations: list[dict] | None = None
 
 
 class Predictor(Protocol):
@@ -247,6 +249,11 @@ class ModelPredictor:
         batch_size: photos per forward pass.
         device: ``cpu`` or ``cuda``.
         compile: run the network through ``torch.compile`` (slower first batch, faster after).
+        explain: attach a reasoning chain to every answer (``Prediction.explanations``): scene, environment
+            cues and region, each claim with the probability a head of the model gave it, checked against
+            the top cells (:mod:`geoloc.evidence.verbalize`).
+        ocr: also read text in the photo and name its script (:mod:`geoloc.evidence.ocr`; needs
+            ``rapidocr-onnxruntime``); only used with ``explain``.
         name: report name.
     """
 
@@ -257,7 +264,7 @@ class ModelPredictor:
                  gallery_backend: str = "blas", topk: int = 5, candidates: int = 10, temperature: float = 0.05,
                  gallery_temperature: float = 0.05, weights: dict | None = None,
                  evidence_weights: dict | None = None, batch_size: int = 64, device: str = "cpu",
-                 compile: bool = False, name: str = "model"):
+                 compile: bool = False, explain: bool = False, ocr: bool = False, name: str = "model"):
         import torch
 
         from geoloc.lightning.datamodule import eval_transform
@@ -285,6 +292,12 @@ class ModelPredictor:
             raise ValueError(f"gallery_backend must be 'blas' or 'faiss', got {gallery_backend!r}")
         self.gallery_backend = gallery_backend
         self.gallery_source = gallery_source
+        self.explain = bool(explain)
+        self.ocr = None
+        if ocr:
+            from geoloc.evidence.ocr import TextReader
+
+            self.ocr = TextReader()
         self.refine = _refine_name({n for n, on in (("prototypes", self.index is not None),
                                                      ("gallery", self.gallery is not None),
                                                      ("evidence", bool(self.evidence))) if on})
@@ -405,12 +418,23 @@ class ModelPredictor:
                           cand[:, :t].astype(np.int64), prob.astype(np.float32))
 
     def predict(self, images, keys) -> Prediction:
-        return self.refine_batch(self.forward(images))
+        out = self.forward(images)
+        pred = self.refine_batch(out)
+        if self.explain:
+            pred.explanations = self.explain_batch(out, pred, images)
+        return pred
+
+    def explain_batch(self, out: dict[str, np.ndarray], pred: Prediction, images=None) -> list[dict]:
+        """A reasoning chain per photo from :meth:`forward`'s outputs and the answer :meth:`refine_batch` gave."""
+        from geoloc.evidence.verbalize import explain
+
+        text = [self.ocr.text_evidence(im) for im in images] if self.ocr is not None and images is not None else None
+        return explain(out, pred, self.cells, ocr=text, refine=self.refine)
 
     def describe(self) -> dict:
         d = {"name": self.name, "kind": "model", "ckpt": str(self.ckpt), "cells": str(self.cells_path),
              "n_cells": len(self.cells), "backbone": self.net.image_encoder.name, "refine": self.refine,
-             "topk": self.topk, "compiled": self.compiled}
+             "topk": self.topk, "compiled": self.compiled, "explain": self.explain, "ocr": self.ocr is not None}
         if self.refine_requested != self.refine:
             d["refine_requested"] = self.refine_requested
         if self.refine != "none":

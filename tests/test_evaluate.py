@@ -282,3 +282,18 @@ def test_cli_model_with_refinement_ablation(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["predictor"]["refine"] == "gallery" and "acc_admin1" in m and "recall_area_auc" in m
+
+
+def test_cli_writes_a_reasoning_chain_per_prediction(tiny_evidence_run, tmp_path):
+    out = tmp_path / "ex"
+    r = subprocess.run([sys.executable, "evaluate.py", "data=sample", f"data.root={tiny_evidence_run['sample']}",
+                        "data.n_images=240", "predictor=model_explain", f"ckpt={tiny_evidence_run['ckpt']}",
+                        "refine=evidence", f"output_dir={out}", "progress=false", "plots=false"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    chains = [json.loads(line) for line in (out / "explanations.jsonl").read_text().splitlines()]
+    keys = pd.read_csv(out / "predictions.csv", dtype={"IMG_ID": str})["IMG_ID"].tolist()
+    assert [c["IMG_ID"] for c in chains] == keys and len(keys) > 10
+    assert all([s["stage"] for s in c["stages"]] == ["scene", "environment", "region"] for c in chains)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["predictor"]["explain"] is True and m["predictor"]["refine"] == "evidence"

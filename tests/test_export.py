@@ -125,8 +125,10 @@ def test_export_returns_evidence_probabilities(tiny_evidence_run, tmp_path):
     """A model trained with evidence heads exports their probabilities, named in geoloc.json."""
     ckpt = tiny_evidence_run["ckpt"]
     path, meta = export(ckpt, tmp_path / "m.pt")
-    assert meta["evidence"] == {"land": ["sea", "land"], "koppen_group": ["A", "B", "C", "D", "E"],
-                                "hemisphere": ["north", "south"]}
+    from geoloc.evidence.labels import HEADS
+    from tests.conftest import EVIDENCE_HEADS
+
+    assert meta["evidence"] == {h: list(HEADS[h]) for h in EVIDENCE_HEADS}
     module, _ = build_exported(ckpt)
     x = torch.randint(0, 256, (3, 3, 70, 90), dtype=torch.uint8)
     with torch.no_grad():

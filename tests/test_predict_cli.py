@@ -62,3 +62,18 @@ def test_console_script_is_declared_and_runs(tiny_run):
     r = subprocess.run([sys.executable, "-m", "geoloc.predict_cli", "x.jpg", "--model", "nope.ckpt"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "nope.ckpt: no such checkpoint" in r.stderr
+
+
+def test_explain_in_text_and_json(tiny_evidence_run, tmp_path, capsys):
+    good, _, broken = _photos(tiny_evidence_run, tmp_path)
+    ckpt = str(tiny_evidence_run["ckpt"])
+    assert main([good, "--model", ckpt, "--explain", "--topk", "2", "--refine", "evidence"]) == 0
+    out = capsys.readouterr().out
+    assert "  Why:" in out and "1. Scene:" in out and "2. Environment:" in out and "3. Region:" in out
+    assert "driving_side head" in out and "summed over its geocells" in out
+    assert main([good, broken, "--model", ckpt, "--explain", "--json"]) == 1
+    a, b = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [s["stage"] for s in a["explanation"]["stages"]] == ["scene", "environment", "region"]
+    assert {"head", "value", "probability"} <= set(a["explanation"]["claims"][0])
+    assert b["explanation"] is None and b["error"]
+    assert main([good, "--model", ckpt]) == 0 and "Why:" not in capsys.readouterr().out

@@ -174,7 +174,11 @@ def test_evidence_reranking_is_a_product_of_experts(tiny_evidence_run):
     from geoloc.data.readers import read_sample
 
     ckpt = str(tiny_evidence_run["ckpt"])
-    pred = ModelPredictor(ckpt, refine="evidence", topk=3, candidates=4)
+    from tests.conftest import EVIDENCE_HEADS
+
+    assert set(ModelPredictor(ckpt, refine="evidence").describe()["evidence_weights"]) == set(EVIDENCE_HEADS)
+    pred = ModelPredictor(ckpt, refine="evidence", topk=3, candidates=4,
+                          evidence_weights={"land": 1.0, "koppen_group": 1.0, "hemisphere": 1.0, "script": 0.0})
     assert pred.describe()["refine"] == "evidence"
     assert set(pred.describe()["evidence_weights"]) == {"land", "koppen_group", "hemisphere"}
     C = len(pred.cells)
@@ -200,7 +204,7 @@ def test_evidence_reranking_is_a_product_of_experts(tiny_evidence_run):
     assert ModelPredictor(ckpt, topk=3, candidates=4).refine_batch(out).topk_cells[0, 0] == north[0]
     # the real path end to end
     items = list(read_sample(tiny_evidence_run["sample"], split="test", n_images=240).iter_items(SkipReport()))[:5]
-    p = pred.predict([it.image for it in items], [it.key for it in items])
+    p = ModelPredictor(ckpt, refine="evidence").predict([it.image for it in items], [it.key for it in items])
     assert p.latlng.shape == (5, 2) and np.isfinite(p.topk_prob).all()
     with pytest.raises(ValueError, match="evidence_weights names"):
         ModelPredictor(ckpt, refine="evidence", evidence_weights={"coast": 1.0})

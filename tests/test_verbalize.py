@@ -1,0 +1,125 @@
+"""The reasoning chain (issue 6, parts 4 and 5): faithful to the model's outputs, by test."""
+
+import re
+
+import numpy as np
+import pytest
+
+from geoloc.evidence.labels import HEADS
+from geoloc.evidence.ocr import script_evidence, text_script
+from geoloc.evidence.verbalize import HEAD_TITLES, STAGES, explain
+from geoloc.predictors import ModelPredictor
+
+
+def _photos(run, n):
+    from geoloc.data.images import SkipReport
+    from geoloc.data.readers import read_sample
+
+    items = list(read_sample(run["sample"], split="test", n_images=240).iter_items(SkipReport()))[:n]
+    return [it.image for it in items], [it.key for it in items]
+
+
+def _region_prob(cells, cell_prob, level, value):
+    t = cells.table
+    if level == "admin1":
+        member = (t["admin1_name"].astype(str) + ", " + t["country"].astype(str)).to_numpy() == value
+    else:
+        member = t[level].astype(str).to_numpy() == value
+    return float(cell_prob[member].sum())
+
+
+@pytest.mark.parametrize("refine", ["none", "evidence"])
+def test_every_claim_is_a_model_output_with_its_probability(tiny_evidence_run, refine):
+    """Faithfulness over a batch: each claim is what a head computed, with the probability it computed."""
+    pred = ModelPredictor(str(tiny_evidence_run["ckpt"]), refine=refine, explain=True, topk=3)
+    images, keys = _photos(tiny_evidence_run, 12)
+    out = pred.forward(images)
+    res = pred.predict(images, keys)
+    heads = set(pred.net.evidence)
+    assert len(res.explanations) == 12
+    for i, chain in enumerate(res.explanations):
+        assert [s["stage"] for s in chain["stages"]] == list(STAGES)
+        assert {c["head"] for c in chain["claims"]} <= heads | {"geocells"}
+        assert {c["head"] for c in chain["claims"]} >= heads  # every head the model has speaks once
+        for c in chain["claims"]:
+            if c["source"] == "evidence head":
+                probs = out[f"evidence/{c['head']}"][i]
+                classes = HEADS[c["head"]]
+                assert c["probability"] == pytest.approx(float(probs.max()), abs=1e-6)
+                assert c["value"] == classes[int(probs.argmax())]
+                for a in c["alternatives"]:
+                    assert a["probability"] == pytest.approx(float(probs[classes.index(a["value"])]), abs=1e-6)
+            elif c["source"] in ("geocells:continent", "geocells:country", "geocells:admin1"):
+                level = c["source"].split(":")[1]
+                assert c["probability"] == pytest.approx(
+                    _region_prob(pred.cells, out["cell_prob"][i], level, c["value"]), abs=1e-5)
+            elif c["source"].startswith("geocells:cell"):
+                assert c["value"] == int(res.topk_cells[i, 0])
+                assert c["probability"] == pytest.approx(float(res.topk_prob[i, 0]))
+            else:
+                assert c["source"] == "geocells:coordinate"
+                assert c["value"] == pytest.approx(res.latlng[i].tolist())
+        # every percentage in the stage sentences is one of the claims' probabilities
+        stated = {round(100 * c["probability"]) for c in chain["claims"]} | {
+            round(100 * a["probability"]) for c in chain["claims"] for a in c["alternatives"]}
+        for s in chain["stages"]:
+            for pct in re.findall(r"(\d+)%", s["text"]):
+                assert int(pct) in stated, (pct, s["text"])
+        # the checks quote the cells' own photo counts
+        for chk in chain["checks"]:
+            counts = np.asarray(pred.cells.table[f"evidence_{chk['head']}"].iloc[chk["cell_id"]], float)
+            assert chk["n_labelled"] == int(counts.sum())
+            if chk["n_labelled"]:
+                assert chk["cell_share"] == pytest.approx(counts[HEADS[chk["head"]].index(chk["value"])]
+                                                          / counts.sum())
+
+
+def test_a_model_without_evidence_heads_says_nothing_about_evidence(tiny_run):
+    pred = ModelPredictor(str(tiny_run["ckpt"]), explain=True)
+    images, keys = _photos(tiny_run, 4)
+    for chain in pred.predict(images, keys).explanations:
+        assert [s["stage"] for s in chain["stages"]] == ["region"]
+        assert {c["head"] for c in chain["claims"]} == {"geocells"} and chain["checks"] == []
+        for head in HEADS:
+            if head != "continent":
+                assert HEAD_TITLES[head] not in chain["text"].lower()
+
+
+def test_text_in_the_photo_is_one_more_claim_and_is_checked_against_the_cells(tiny_evidence_run):
+    pred = ModelPredictor(str(tiny_evidence_run["ckpt"]), topk=2)
+    images, keys = _photos(tiny_evidence_run, 2)
+    out = pred.forward(images)
+    res = pred.refine_batch(out)
+    ocr = [{"script": "Cyrillic", "confidence": 0.87, "text": ["Москва"]}, None]
+    chains = explain(out, res, pred.cells, ocr=ocr)
+    claim = [c for c in chains[0]["claims"] if c["head"] == "ocr"]
+    assert claim == [{"stage": "environment", "head": "ocr", "value": "Cyrillic", "probability": 0.87,
+                      "source": "ocr", "alternatives": []}]
+    assert "Cyrillic script (87% OCR confidence)" in chains[0]["text"]
+    assert not any(c["head"] == "ocr" for c in chains[1]["claims"])
+    # the sample's cells hold no Cyrillic-writing country: every top cell disagrees
+    verdicts = [c["verdict"] for c in chains[0]["checks"] if c["head"] == "ocr"]
+    assert len(verdicts) == 2 and "disagrees" in verdicts and "agrees" not in verdicts
+
+
+def test_script_of_text():
+    assert text_script("Москва 2024") == ("Cyrillic", 6)
+    assert text_script("東京タワー")[0] == "Japanese"  # kana make the kanji Japanese
+    assert text_script("北京")[0] == "Han" and text_script("서울")[0] == "Korean"
+    assert text_script("Ελλάδα")[0] == "Greek" and text_script("12:30 - !") == (None, 0)
+    ev = script_evidence([("STOP", 0.95), ("Москва", 0.8), ("Ленина", 0.9), ("x", 0.99), ("Berlin", 0.3)])
+    assert ev["script"] == "Cyrillic" and ev["confidence"] == pytest.approx(0.85) and ev["text"] == ["Москва",
+                                                                                                    "Ленина"]
+    assert script_evidence([("--", 0.9)]) is None
+
+
+def test_ocr_reader_on_a_rendered_sign():
+    pytest.importorskip("rapidocr_onnxruntime")
+    from PIL import Image, ImageDraw, ImageFont
+
+    from geoloc.evidence.ocr import TextReader
+
+    img = Image.new("RGB", (420, 120), "white")
+    ImageDraw.Draw(img).text((20, 30), "HELLO WORLD", fill="black", font=ImageFont.load_default(size=48))
+    ev = TextReader().text_evidence(img)
+    assert ev is not None and ev["script"] == "Latin" and 0.5 < ev["confidence"] <= 1.0
