@@ -244,8 +244,9 @@ class ModelPredictor:
         temperature: ``T`` of the prototype scores.
         gallery_temperature: ``T`` of the gallery scores.
         weights: fusion weights ``{"cells", "prototypes", "gallery"}``.
-        evidence_weights: per evidence head, its weight in the evidence reranking; None: 1 for every
-            head the model has.
+        evidence_weights: per evidence head, its weight in the evidence reranking, or the path of a file
+            written by ``python -m geoloc.evidence.tune`` (weights chosen on validation photos); None: 1
+            for every head the model has.
         batch_size: photos per forward pass.
         device: ``cpu`` or ``cuda``.
         compile: run the network through ``torch.compile`` (slower first batch, faster after).
@@ -263,7 +264,7 @@ class ModelPredictor:
                  gallery: str | None = None, gallery_source: str = "mp16_gallery", gallery_restrict: bool = True,
                  gallery_backend: str = "blas", topk: int = 5, candidates: int = 10, temperature: float = 0.05,
                  gallery_temperature: float = 0.05, weights: dict | None = None,
-                 evidence_weights: dict | None = None, batch_size: int = 64, device: str = "cpu",
+                 evidence_weights: dict | str | None = None, batch_size: int = 64, device: str = "cpu",
                  compile: bool = False, explain: bool = False, ocr: bool = False, name: str = "model"):
         import torch
 
@@ -300,20 +301,38 @@ class ModelPredictor:
             self.ocr = TextReader()
         self.refine = _refine_name({n for n, on in (("prototypes", self.index is not None),
                                                      ("gallery", self.gallery is not None),
-                                                     ("evidence", bool(self.evidence))) if on})
+                                                     ("evidence", bool(self.evidence_heads_available)))
+                                    if on})
 
-    def _load_evidence(self, weights: dict | None) -> dict[str, tuple[float, np.ndarray]]:
+    def _load_evidence(self, weights: dict | str | None) -> dict[str, tuple[float, np.ndarray]]:
         """Per head: its weight and the cells' ``(C, K)`` distributions over its classes."""
         heads = list(self.net.evidence)
         if not heads:
             raise ValueError(f"{self.ckpt}: refine with evidence needs a model trained with evidence heads "
                              "(train.py model.evidence={head: weight})")
+        if isinstance(weights, str | Path):
+            from geoloc.evidence.tune import load_weights
+
+            self.evidence_weights_path = str(weights)
+            weights = load_weights(weights)
         weights = {h: 1.0 for h in heads} if weights is None else {str(h): float(w) for h, w in weights.items()}
         unknown = sorted(set(weights) - set(heads))
         if unknown:
             raise ValueError(f"evidence_weights names {unknown}, but the model's evidence heads are {heads}")
-        return {h: (w, self.cells.evidence(h)) for h, w in weights.items() if w > 0}
+        self._cell_evidence = {h: self.cells.evidence(h) for h in heads}
+        return {h: (w, self._cell_evidence[h]) for h, w in weights.items() if w > 0}
 
+    @property
+    def evidence_heads_available(self) -> list[str]:
+        """The evidence heads the reranking can weigh (empty unless ``refine`` includes evidence)."""
+        return list(getattr(self, "_cell_evidence", {}))
+
+    def set_evidence_weights(self, weights: dict[str, float]) -> None:
+        """New per-head weights for the evidence reranking (heads left out get 0)."""
+        unknown = sorted(set(weights) - set(self.evidence_heads_available))
+        if unknown:
+            raise ValueError(f"evidence weights name {unknown}; the reranking has {self.evidence_heads_available}")
+        self.evidence = {h: (float(w), self._cell_evidence[h]) for h, w in weights.items() if float(w) > 0}
     def _load_index(self, index: str | None):
         from geoloc.index import RetrievalIndex, default_index_dir
 
@@ -441,8 +460,10 @@ class ModelPredictor:
             d.update(candidates=self.candidates, weights=self.weights)
         if self.index is not None:
             d.update(index=str(self.index_path), temperature=self.temperature)
-        if self.evidence:
+        if self.evidence_heads_available:
             d.update(evidence_weights={h: w for h, (w, _) in self.evidence.items()})
+            if getattr(self, "evidence_weights_path", None):
+                d.update(evidence_weights_file=self.evidence_weights_path)
         if self.gallery is not None:
             d.update(gallery=str(self.gallery_path), gallery_n=len(self.gallery),
                      gallery_temperature=self.gallery_temperature, gallery_restrict=self.gallery_restrict,

@@ -1,5 +1,7 @@
 """ModelPredictor: cell ranking, retrieval refinement (prototypes, gallery) and its fall-backs."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -213,3 +215,47 @@ def test_evidence_reranking_is_a_product_of_experts(tiny_evidence_run):
 def test_evidence_refine_needs_evidence_heads(tiny_run):
     with pytest.raises(ValueError, match="trained with evidence heads"):
         ModelPredictor(str(tiny_run["ckpt"]), refine="evidence")
+
+
+def test_evidence_weights_are_chosen_on_validation_photos(tiny_evidence_run, tmp_path):
+    """Coordinate ascent finds the head that carries the information; the CLI writes a weights file the
+    predictor reads."""
+    import subprocess
+    import sys
+
+    from geoloc.evidence.tune import tune_evidence_weights
+    from tests.conftest import EVIDENCE_HEADS, REPO
+
+    ckpt = str(tiny_evidence_run["ckpt"])
+    pred = ModelPredictor(ckpt, refine="evidence", candidates=6)
+    cells = pred.cells
+    hemi = cells.evidence("hemisphere")
+    south = np.flatnonzero(hemi[:, 1] > 0.8)
+    north = np.flatnonzero(hemi[:, 0] > 0.8)
+    rng = np.random.default_rng(0)
+    n, C = 40, len(cells)
+    truth = rng.choice(south, n)  # every photo is in a southern cell, the classifier prefers northern ones
+    prob = np.full((n, C), 1e-3)
+    prob[np.arange(n), rng.choice(north, n)] = 0.5
+    prob[np.arange(n), truth] = 0.3
+    prob /= prob.sum(1, keepdims=True)
+    out = {"cell_prob": prob.astype(np.float32)}
+    for h in pred.evidence_heads_available:
+        k = len(cells.evidence(h)[0])
+        out[f"evidence/{h}"] = np.full((n, k), 1.0 / k)  # uninformative ...
+    out["evidence/hemisphere"] = np.tile([0.02, 0.98], (n, 1))  # ... except the hemisphere
+    res = tune_evidence_weights(pred, out, cells.centroids[truth])
+    assert res["weights"]["hemisphere"] > 0 and res["geoscore"] > res["geoscore_without"] + 1000
+    assert set(res["weights"]) == set(EVIDENCE_HEADS)
+    wfile = tmp_path / "w.json"
+    r = subprocess.run([sys.executable, "-m", "geoloc.evidence.tune", f"ckpt={ckpt}", "data=sample",
+                        f"data.root={tiny_evidence_run['sample']}", "data.n_images=240", f"out={wfile}",
+                        "grid=[0,1]"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads(wfile.read_text())
+    assert set(saved["weights"]) == set(EVIDENCE_HEADS) and saved["n"] > 10
+    p2 = ModelPredictor(ckpt, refine="evidence", evidence_weights=str(wfile))
+    assert p2.describe()["evidence_weights_file"] == str(wfile)
+    assert p2.describe()["evidence_weights"] == {h: w for h, w in saved["weights"].items() if w > 0}
+    with pytest.raises(FileNotFoundError, match="no evidence weights file"):
+        ModelPredictor(ckpt, refine="evidence", evidence_weights=str(tmp_path / "none.json"))
