@@ -7,7 +7,7 @@ import pytest
 
 from geoloc.evidence.labels import HEADS
 from geoloc.evidence.ocr import script_evidence, text_script
-from geoloc.evidence.verbalize import HEAD_TITLES, STAGES, explain
+from geoloc.evidence.verbalize import HEAD_TITLES, STAGES, explain, verify_chain
 from geoloc.predictors import ModelPredictor
 
 
@@ -65,6 +65,7 @@ def test_every_claim_is_a_model_output_with_its_probability(tiny_evidence_run, r
         for s in chain["stages"]:
             for pct in re.findall(r"(\d+)%", s["text"]):
                 assert int(pct) in stated, (pct, s["text"])
+        assert verify_chain(chain, out, i, res, pred.cells) == []
         # the checks quote the cells' own photo counts
         for chk in chain["checks"]:
             counts = np.asarray(pred.cells.table[f"evidence_{chk['head']}"].iloc[chk["cell_id"]], float)
@@ -72,6 +73,24 @@ def test_every_claim_is_a_model_output_with_its_probability(tiny_evidence_run, r
             if chk["n_labelled"]:
                 assert chk["cell_share"] == pytest.approx(counts[HEADS[chk["head"]].index(chk["value"])]
                                                           / counts.sum())
+
+
+def test_verify_chain_catches_a_misstated_claim(tiny_evidence_run):
+    pred = ModelPredictor(str(tiny_evidence_run["ckpt"]), explain=True, topk=2)
+    images, keys = _photos(tiny_evidence_run, 2)
+    out = pred.forward(images)
+    res = pred.refine_batch(out)
+    chain = pred.explain_batch(out, res, images)[0]
+    assert verify_chain(chain, out, 0, res, pred.cells) == []
+    land = next(c for c in chain["claims"] if c["head"] == "land")
+    land["probability"] += 0.1
+    coast = dict(land, head="coast", value="< 1 km")  # a head this model does not have
+    chain["claims"].append(coast)
+    chain["stages"][0]["text"] += " 1000%"
+    problems = verify_chain(chain, out, 0, res, pred.cells)
+    assert any("land=" in p for p in problems) and any("coast, which the model does not predict" in p
+                                                        for p in problems)
+    assert any("1000%" in p for p in problems)
 
 
 def test_a_model_without_evidence_heads_says_nothing_about_evidence(tiny_run):

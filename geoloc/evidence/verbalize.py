@@ -223,3 +223,55 @@ def _assemble(claims: list[dict], checks: list[dict], top: list[int], top_prob, 
 def format_chain(chain: dict) -> str:
     """The chain as plain text (what :func:`explain` put in ``text``)."""
     return chain["text"]
+
+
+def verify_chain(chain: dict, out: dict, i: int, pred, cells, *, atol: float = 1e-5) -> list[str]:
+    """Re-derives every claim of photo ``i``'s chain from the network outputs; returns what does not match.
+
+    A claim from an evidence head must be that head's most probable class with its probability (and its
+    alternatives their probabilities); a region claim the summed cell probability of that region; the
+    cell and coordinate claims the predictor's answer. A chain may only name heads the outputs have.
+    Every percentage in the stage sentences must be one of the claims' probabilities.
+
+    Returns:
+        Problems, as sentences (empty: the chain is faithful).
+    """
+    import re
+
+    problems = []
+    heads = {k.split("/", 1)[1] for k in out if k.startswith("evidence/")}
+    regions = _region_sums(cells)
+    for c in chain["claims"]:
+        head, src = c["head"], c["source"]
+        if src == "evidence head":
+            if head not in heads:
+                problems.append(f"photo {i}: claims {head}, which the model does not predict")
+                continue
+            probs, classes = np.asarray(out[f"evidence/{head}"][i], np.float64), HEADS[head]
+            if c["value"] != classes[int(probs.argmax())] or abs(c["probability"] - probs.max()) > atol:
+                problems.append(f"photo {i}: {head}={c['value']} {c['probability']:.4f}, but the head gave "
+                                f"{classes[int(probs.argmax())]} {probs.max():.4f}")
+            for a in c["alternatives"]:
+                if abs(a["probability"] - probs[classes.index(a["value"])]) > atol:
+                    problems.append(f"photo {i}: {head} alternative {a['value']} misstated")
+        elif src.startswith("geocells:") and src.split(":")[1] in regions.levels:
+            level = src.split(":")[1]
+            member = regions.levels[level] == c["value"]
+            p = float(np.asarray(out["cell_prob"][i], np.float64)[member].sum())
+            if abs(p - c["probability"]) > atol:
+                problems.append(f"photo {i}: {level} {c['value']} {c['probability']:.4f}, cells sum to {p:.4f}")
+        elif src.startswith("geocells:cell"):
+            if c["value"] != int(pred.topk_cells[i, 0]) or abs(c["probability"] - pred.topk_prob[i, 0]) > atol:
+                problems.append(f"photo {i}: cell claim differs from the predictor's answer")
+        elif src == "geocells:coordinate":
+            if not np.allclose(c["value"], pred.latlng[i], atol=1e-9):
+                problems.append(f"photo {i}: coordinate claim differs from the predictor's answer")
+        elif src != "ocr":
+            problems.append(f"photo {i}: claim from unknown source {src!r}")
+    stated = {round(100 * c["probability"]) for c in chain["claims"]} | {
+        round(100 * a["probability"]) for c in chain["claims"] for a in c["alternatives"]}
+    for s in chain["stages"]:
+        for pct in re.findall(r"(\d+)%", s["text"]):
+            if int(pct) not in stated:
+                problems.append(f"photo {i}: the {s['stage']} stage states {pct}%, which no claim carries")
+    return problems
