@@ -230,7 +230,8 @@ def _ocr_study(images: list, labels) -> dict:
 def _markdown(r: dict, example: str, key: str) -> str:
     lines = ["# Evidence study: im2gps3k-dev, test fold (real photos)\n\n", f"{r['budget']}. {r['data']}.\n\n",
              "## Evidence heads on the test fold\n\n",
-             "| head | classes | n | accuracy % | majority-class baseline % | majority class | ECE | mean confidence |\n",
+             "| head | classes | n | accuracy % | majority-class baseline % | majority class | ECE "
+             "| mean confidence |\n",
              "|---|---|---|---|---|---|---|---|\n"]
     for h, m in r["heads"].items():
         lines.append(f"| {h} | {m['classes']} | {m['n']} | {m['accuracy']} | {m['majority_accuracy']} | "
