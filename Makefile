@@ -40,12 +40,15 @@ demo: $(STAMP)
 	$(PY) -m geocells.build points=$(SAMPLE_CSV) points_split=train out=$(DEMO)/cells.parquet \
 		min_points=25 max_points=200
 	$(PY) train.py experiment=demo trainer.enable_progress_bar=false
-	$(PY) evaluate.py $(EVAL_TEST) predictor=model ckpt=$(DEMO)/train/checkpoints/best.ckpt output_dir=$(DEMO)/model
+	$(PY) evaluate.py $(EVAL_TEST) predictor=model ckpt=$(DEMO)/train/checkpoints/best.ckpt output_dir=$(DEMO)/model \
+		predictor.explain=true
 	$(PY) -m geoloc.export ckpt=$(DEMO)/train/checkpoints/best.ckpt out=$(DEMO)/model.pt
 	$(PY) evaluate.py $(EVAL_TEST) predictor=constant output_dir=$(DEMO)/constant
 	$(PY) evaluate.py $(EVAL_TEST) predictor=prior output_dir=$(DEMO)/prior
 	$(PY) -m geoloc.report $(DEMO)/model $(DEMO)/constant $(DEMO)/prior --out $(DEMO)/results.md \
 		--require-better $(DEMO)/model $(DEMO)/constant
+	@echo "Why (the first test photo's reasoning chain, $(DEMO)/model/explanations.jsonl):"
+	@head -n 1 $(DEMO)/model/explanations.jsonl | $(PY) -c 'import json, sys; print(json.loads(sys.stdin.read())["text"])'
 
 bench: $(STAMP)
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -11,7 +11,9 @@ from .conftest import REPO
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["quickstart", "analysis"])
-def test_notebook_runs(name, tiny_run, tmp_path, monkeypatch):
+def test_notebook_runs(name, request, tmp_path, monkeypatch):
+    # the quickstart shows the reasoning chain: a model with evidence heads
+    tiny_run = request.getfixturevalue("tiny_evidence_run" if name == "quickstart" else "tiny_run")
     monkeypatch.setenv("GEOLOC_CKPT", str(tiny_run["ckpt"]))
     monkeypatch.setenv("GEOLOC_SAMPLE_ROOT", str(tiny_run["sample"]))
     monkeypatch.setenv("GEOLOC_SAMPLE_N", "240")
@@ -26,6 +28,7 @@ def test_notebook_runs(name, tiny_run, tmp_path, monkeypatch):
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
     if name == "quickstart":
         assert "1. cell" in text and "error" in text
+        assert "1. Scene:" in text and "3. Region:" in text and "driving_side" in text
     else:
         assert (tmp_path / "out" / "model" / "metrics.json").is_file()
         assert "median_km" in text and "ECE" in text
