@@ -5,6 +5,11 @@ wheel, so nothing is downloaded. Install it with ``pip install -e '.[ocr]'``; it
 a :class:`TextReader` is made (``ModelPredictor(ocr=True)``, ``conf/predictor/model_ocr.yaml``,
 ``geoloc-predict --explain --ocr``).
 
+Limits: the recognizer bundled in the wheel (PP-OCR, Chinese model) reads Chinese characters, Latin letters
+and digits only. Cyrillic, Greek and other scripts come out as Latin look-alikes ("Владивосток" was read
+as "BAAAMBOCTOK" on an Im2GPS3k photo), so this stage tells Han text from Latin text and nothing finer;
+bench/results/evidence.md measures how often its script is the main script of the photo's country.
+
 The script of a piece of text is the script group (:data:`geoloc.evidence.country_tables.SCRIPTS`) of
 most of its letters, from the Unicode character names; digits, punctuation and symbols do not count.
 The evidence is the script with the most confidently read letters; its probability is the OCR
