@@ -170,7 +170,8 @@ def report(out: Path, heads: list[str]) -> None:
             ("evidence reranking, all weights 1", "evidence_w1", [*model, f"ckpt={ckpt}", "refine=evidence"]),
             ("evidence reranking, weights from fold 3", "evidence_tuned",
              [*model, f"ckpt={ckpt}", "refine=evidence", f"predictor.evidence_weights={wfile}"]),
-            ("model without evidence heads (reference)", "plain", [*model, f"ckpt={plain}"]),
+            *([("model without evidence heads (reference)", "plain", [*model, f"ckpt={plain}"])]
+              if (out / "runs" / "plain" / "done").is_file() else []),
             ("constant (reference)", "constant", ["predictor=constant", "data.reference.source=mp16_gallery"])]
     geo = {}
     for label, name, extra in rows:
@@ -179,8 +180,14 @@ def report(out: Path, heads: list[str]) -> None:
                                                "median_km", "geoscore", "acc_country", "acc_admin1")},
                       **bootstrap(out / "eval" / "test" / name)}
 
-    # --- OCR on the test photos
-    ocr = _ocr_study(images, labels)
+    # --- OCR on the test photos (slow: cached in the study folder)
+    ocr_file = out / "ocr_test.json"
+    if ocr_file.is_file():
+        ocr = json.loads(ocr_file.read_text())
+    else:
+        ocr = _ocr_study(images, labels)
+        if "skipped" not in ocr:
+            ocr_file.write_text(json.dumps(ocr, ensure_ascii=False))
 
     result = {
         "data": "im2gps3k-dev, 5 photographer-disjoint folds: train 0-2, weights chosen on 3, test 4",
