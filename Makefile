@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 # The main job on the embedded default (a synthetic sample generated on first use, no download):
-# sample -> shards -> geocells -> train a small model (a few minutes on the CPU) -> evaluate it and the
+# sample -> shards -> geocells -> train a small model (about 10 minutes on 2 CPU cores) -> evaluate it and the
 # baselines on the held-out split with evaluate.py -> $(DEMO)/results.md. Fails if the model does not
 # beat the constant baseline.
 SAMPLE_CSV = $$($(PY) -c 'from geoloc.data.sample import default_sample_root as d; print(d() / "sample.csv")')

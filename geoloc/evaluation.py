@@ -189,6 +189,7 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
                 cf.writelines(json.dumps({"IMG_ID": it.key, **chain}, ensure_ascii=False) + "\n"
                               for it, chain in zip(batch, pred.explanations))
                 cf.flush()
+                os.fsync(cf.fileno())
             pw.writerows(rows)
             new_skips = skipped.items[n_skip_written:]
             sw.writerows([list(s) for s in new_skips])

@@ -287,6 +287,8 @@ class ModelPredictor:
         self.refine_requested = refine
         self.index = self._load_index(index) if "prototypes" in parts else None
         self.gallery = self._load_gallery(gallery, gallery_source) if "gallery" in parts else None
+        self._cell_evidence: dict[str, np.ndarray] = {}  # head -> (C, K), filled when refine uses evidence
+        self.evidence_weights_path: str | None = None
         self.evidence = self._load_evidence(evidence_weights) if "evidence" in parts else {}
         self.gallery_restrict = bool(gallery_restrict)
         if gallery_backend not in ("blas", "faiss"):
@@ -325,7 +327,7 @@ class ModelPredictor:
     @property
     def evidence_heads_available(self) -> list[str]:
         """The evidence heads the reranking can weigh (empty unless ``refine`` includes evidence)."""
-        return list(getattr(self, "_cell_evidence", {}))
+        return list(self._cell_evidence)
 
     def set_evidence_weights(self, weights: dict[str, float]) -> None:
         """New per-head weights for the evidence reranking (heads left out get 0)."""
@@ -333,6 +335,7 @@ class ModelPredictor:
         if unknown:
             raise ValueError(f"evidence weights name {unknown}; the reranking has {self.evidence_heads_available}")
         self.evidence = {h: (float(w), self._cell_evidence[h]) for h, w in weights.items() if float(w) > 0}
+
     def _load_index(self, index: str | None):
         from geoloc.index import RetrievalIndex, default_index_dir
 
@@ -462,7 +465,7 @@ class ModelPredictor:
             d.update(index=str(self.index_path), temperature=self.temperature)
         if self.evidence_heads_available:
             d.update(evidence_weights={h: w for h, (w, _) in self.evidence.items()})
-            if getattr(self, "evidence_weights_path", None):
+            if self.evidence_weights_path:
                 d.update(evidence_weights_file=self.evidence_weights_path)
         if self.gallery is not None:
             d.update(gallery=str(self.gallery_path), gallery_n=len(self.gallery),
