@@ -42,7 +42,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_study import PY, REPO, SHARED, _run, _val_curve, bootstrap, evaluate  # noqa: E402
+from bench_study import PY, REPO, SHARED, _run, _val_curve, bootstrap, evaluate, study_cells  # noqa: E402
 
 HEAD_WEIGHT = 0.3
 
@@ -109,16 +109,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "outputs" / "evidence_study"))
     parser.add_argument("--train-only", action="store_true")
     args = parser.parse_args()
-    if not (SHARED / "im2gps3k-dev" / "im2gps3k_places365.csv").is_file():
-        sys.exit(f"needs the real photos at {SHARED / 'im2gps3k-dev'} (set GEOLOC_SHARED_DATA)")
     from geoloc.evidence.labels import HEADS
 
     out = Path(args.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    cells = out / "cells_mp16_400_evidence.parquet"
-    if not cells.is_file():
-        _run([PY, "-m", "geocells.build", f"points={SHARED / 'coords' / 'mp16_gallery_100K.csv'}", f"out={cells}",
-              "min_points=400", "max_points=4000", "evidence=true"], out / "cells.log")
+    cells = study_cells(out, "cells_mp16_400_evidence.parquet", "evidence=true")
     heads = list(HEADS)
     evidence = "model.evidence={" + ", ".join(f"{h}: {HEAD_WEIGHT}" for h in heads) + "}"
     _train(out, cells, "evidence", [evidence])

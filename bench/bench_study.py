@@ -103,18 +103,25 @@ def _val_curve(run: Path) -> list[float]:
     return [round(float(x), 0) for x in v.to_numpy()]
 
 
+def study_cells(out: Path, name: str, *extra: str) -> Path:
+    """Checks the real photos are there, makes ``out/runs`` and builds the study's geocells (310 cells of
+    the 100K MP-16 gallery coordinates) once, as ``out/name``."""
+    if not (SHARED / "im2gps3k-dev" / "im2gps3k_places365.csv").is_file():
+        sys.exit(f"needs the real photos at {SHARED / 'im2gps3k-dev'} (set GEOLOC_SHARED_DATA)")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    cells = out / name
+    if not cells.is_file():
+        _run([PY, "-m", "geocells.build", f"points={SHARED / 'coords' / 'mp16_gallery_100K.csv'}", f"out={cells}",
+              "min_points=400", "max_points=4000", *extra], out / "cells.log")
+    return cells
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(REPO / "outputs" / "study"))
     args = parser.parse_args()
-    if not (SHARED / "im2gps3k-dev" / "im2gps3k_places365.csv").is_file():
-        sys.exit(f"needs the real photos at {SHARED / 'im2gps3k-dev'} (set GEOLOC_SHARED_DATA)")
     out = Path(args.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    cells = out / "cells_mp16_400.parquet"
-    if not cells.is_file():
-        _run([PY, "-m", "geocells.build", f"points={SHARED / 'coords' / 'mp16_gallery_100K.csv'}", f"out={cells}",
-              "min_points=400", "max_points=4000"], out / "cells.log")
+    cells = study_cells(out, "cells_mp16_400.parquet")
 
     train_s = {}
     for name, overrides in VARIANTS.items():
