@@ -22,8 +22,6 @@ import unicodedata
 
 import numpy as np
 
-from geoloc.evidence.country_tables import SCRIPTS
-
 #: Unicode name prefixes -> script group (first match wins).
 _NAME_PREFIXES = (("LATIN", "Latin"), ("CYRILLIC", "Cyrillic"), ("ARABIC", "Arabic"), ("CJK", "Han"),
                   ("HIRAGANA", "Japanese"), ("KATAKANA", "Japanese"), ("HANGUL", "Korean"),
@@ -73,7 +71,6 @@ def script_evidence(lines: list[tuple[str, float]]) -> dict | None:
     if not weight:
         return None
     best = max(weight, key=weight.get)
-    assert best in SCRIPTS
     return {"script": best, "confidence": float(np.mean(conf[best])), "text": texts[best]}
 
 

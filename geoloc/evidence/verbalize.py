@@ -17,7 +17,7 @@ cell's own training photos with the predicted value (the cells file's ``evidence
 has a label for that head.
 
 :func:`explain` turns a batch of network outputs and the predictor's answer into one chain per photo,
-as JSON-ready dicts (``stages``, ``claims``, ``checks``, ``text``); :func:`format_chain` renders one.
+as JSON-ready dicts (``stages``, ``claims``, ``checks``, and ``text``: the chain rendered for people).
 """
 
 from __future__ import annotations
@@ -218,11 +218,6 @@ def _assemble(claims: list[dict], checks: list[dict], top: list[int], top_prob, 
                  for v, cs in by.items() if cs]
         lines.append(f"   cell {cell} ({_cell_name(table, cell)}, {_fmt_prob(float(p))}): " + "; ".join(parts))
     return {"stages": stages, "claims": claims, "checks": checks, "text": "\n".join(lines)}
-
-
-def format_chain(chain: dict) -> str:
-    """The chain as plain text (what :func:`explain` put in ``text``)."""
-    return chain["text"]
 
 
 def verify_chain(chain: dict, out: dict, i: int, pred, cells, *, atol: float = 1e-5) -> list[str]:
