@@ -3,7 +3,8 @@
 Conventions used everywhere in geoloc:
 
 * Coordinates are ``latlng`` arrays of shape ``(N, 2)`` in degrees, ``[lat, lng]`` (the h3 order).
-  Latitude lies in ``[-90, 90]``; longitude is wrapped to ``[-180, 180)``.
+  Latitude lies in ``[-90, 90]``, longitude in ``[-180, 180]`` (180 is stored as -180); anything else
+  in an input is an error (:func:`validate_latlng`).
 * Distances are great-circle (haversine) distances on a sphere of radius
   :data:`EARTH_RADIUS_KM` = 6371.0088 km (the IUGG mean Earth radius), in kilometres.
 
@@ -43,8 +44,18 @@ def wrap_lng(lng):
     return xp.where(inside, lng, (lng + 180.0) % 360.0 - 180.0)
 
 
+def invalid_latlng(arr: np.ndarray) -> np.ndarray:
+    """``(...)`` bool: where ``arr (..., 2)`` is not a finite ``[lat, lng]`` with lat in ``[-90, 90]`` and
+    lng in ``[-180, 180]``. The one definition of a valid coordinate in geoloc."""
+    with np.errstate(invalid="ignore"):
+        return ~(np.isfinite(arr).all(axis=-1) & (np.abs(arr[..., 0]) <= 90.0) & (np.abs(arr[..., 1]) <= 180.0))
+
+
 def validate_latlng(latlng, *, what: str = "latlng", row_labels=None) -> np.ndarray:
     """Checks and normalizes coordinates.
+
+    A longitude outside ``[-180, 180]`` is an error, not wrapped: in a data file it means a fault (swapped
+    or projected columns), and wrapping would hide it. Longitude 180 becomes -180 (the same meridian).
 
     Args:
         latlng: ``(N, 2)`` array-like of ``[lat, lng]`` in degrees.
@@ -52,19 +63,16 @@ def validate_latlng(latlng, *, what: str = "latlng", row_labels=None) -> np.ndar
         row_labels: optional sequence of N labels (row numbers, image ids) named in errors.
 
     Returns:
-        ``(N, 2)`` float64 array with longitudes wrapped to ``[-180, 180)``.
+        ``(N, 2)`` float64 array with longitudes in ``[-180, 180)``.
 
     Raises:
-        ValueError: a coordinate is not finite or a latitude lies outside ``[-90, 90]``; the message
-            names the first offending rows and their values.
+        ValueError: a coordinate is not finite, a latitude lies outside ``[-90, 90]`` or a longitude
+            outside ``[-180, 180]``; the message names the first offending rows and their values.
     """
     arr = np.asarray(latlng, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise ValueError(f"{what}: expected coordinates of shape (N, 2) as [lat, lng], got shape {arr.shape}")
-    bad_finite = ~np.isfinite(arr).all(axis=1)
-    bad_lat = np.zeros(len(arr), dtype=bool)
-    bad_lat[~bad_finite] = np.abs(arr[~bad_finite, 0]) > 90.0
-    bad = np.flatnonzero(bad_finite | bad_lat)
+    bad = np.flatnonzero(invalid_latlng(arr))
     if len(bad):
         labels = row_labels if row_labels is not None else range(len(arr))
         labels = list(labels) if not isinstance(labels, list) else labels
@@ -73,8 +81,8 @@ def validate_latlng(latlng, *, what: str = "latlng", row_labels=None) -> np.ndar
         )
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise ValueError(
-            f"{what}: {len(bad)} invalid coordinate(s); expected finite values with lat in [-90, 90]: "
-            f"{shown}{more}"
+            f"{what}: {len(bad)} invalid coordinate(s); expected finite values with lat in [-90, 90] and lng in "
+            f"[-180, 180]: {shown}{more}"
         )
     out = arr.copy()
     out[:, 1] = wrap_lng(out[:, 1])

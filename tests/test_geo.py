@@ -95,9 +95,14 @@ def test_torch_float32_and_grad():
     assert torch.isfinite(a.grad).all()
 
 
-def test_validate_wraps_and_names_bad_rows():
-    out = validate_latlng([[10.0, 190.0], [-5.0, -180.0], [0.0, 180.0], [1.0, 2.5]])
-    np.testing.assert_array_equal(out[:, 1], [-170.0, -180.0, -180.0, 2.5])
+def test_validate_refuses_out_of_range_longitudes_and_names_bad_rows():
+    out = validate_latlng([[-5.0, -180.0], [0.0, 180.0], [1.0, 2.5]])
+    np.testing.assert_array_equal(out[:, 1], [-180.0, -180.0, 2.5])  # 180 is the meridian of -180
+    msg = r"photos.csv: 1 invalid.*lng in \[-180, 180\].*row 7 \(b\): lat=10.0, lng=200.0"
+    with pytest.raises(ValueError, match=msg):
+        validate_latlng([[10.0, 20.0], [10.0, 200.0]], what="photos.csv", row_labels=["2 (a)", "7 (b)"])
+    with pytest.raises(ValueError, match="lng=-180.5"):
+        validate_latlng([[0.0, -180.5]])
     with pytest.raises(ValueError, match=r"row img_b: lat=91.0"):
         validate_latlng([[0, 0], [91.0, 3.0]], what="x.csv", row_labels=["img_a", "img_b"])
     with pytest.raises(ValueError, match=r"x.csv: 1 invalid.*row 0: lat=nan"):

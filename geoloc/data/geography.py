@@ -23,6 +23,7 @@ import zipfile
 
 import numpy as np
 
+from geoloc.geo import invalid_latlng
 from geoloc.io import package_path
 
 __all__ = [
@@ -59,7 +60,7 @@ def _as_latlng(latlng: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if arr.ndim == 0 or arr.shape[-1] != 2:
         raise ValueError(f"latlng must have shape (N, 2) as [lat, lng] in degrees, got shape {arr.shape}.")
     lat, lng = arr[..., 0], arr[..., 1]
-    bad = ~(np.isfinite(lat) & np.isfinite(lng) & (np.abs(lat) <= 90.0) & (np.abs(lng) <= 180.0))
+    bad = invalid_latlng(arr)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         row = idx[0] if len(idx) == 1 else idx
