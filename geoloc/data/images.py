@@ -7,6 +7,7 @@ Large jobs catch :class:`ImageError`, count it in a :class:`SkipReport` and carr
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -86,9 +87,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_OBJECT_REPR = re.compile(r"<_io\.\w+ (?:object|name=[^>]*) at 0x[0-9a-fA-F]+>|<_io\.\w+ name=[^>]*>")
+
+
+def _detail(e: BaseException, label: str) -> str:
+    """An exception's message for a skip report: the same text in every run (no object addresses)."""
+    return _OBJECT_REPR.sub(label, str(e))
+
+
 def decode_image(data: bytes | Path | str, *, name: str | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Opens an image from a path or bytes as upright RGB.
+
+    A file is read through Pillow's lazy open, never whole into memory first: a large file that is not
+    an image is refused from its first bytes, and a decompression bomb from its header.
 
     Args:
         data: a file path or the encoded bytes.
@@ -102,18 +114,26 @@ def decode_image(data: bytes | Path | str, *, name: str | None = None,
         ImageError: with ``reason`` in :data:`SKIP_REASONS`.
     """
     label = name if name is not None else (str(data) if not isinstance(data, bytes) else "<bytes>")
-    if not isinstance(data, bytes):
-        path = Path(data)
-        if not path.is_file():
-            raise ImageError("missing", label, "no such file")
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ImageError("unreadable", label, str(e)) from e
+    if isinstance(data, bytes):
+        return _decode(io.BytesIO(data), label, max_pixels)
+    path = Path(data)
+    if path.is_dir():
+        raise ImageError("unreadable", label, "is a directory, not an image file")
+    if not path.is_file():
+        raise ImageError("missing", label, "no such file")
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, after Pillow has read what it needs
+    except OSError as e:
+        raise ImageError("unreadable", label, e.strerror or str(e)) from e
+    with f:
+        return _decode(f, label, max_pixels)
+
+
+def _decode(f, label: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(f)
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError("decompression_bomb", label, f"{w}x{h} = {w * h} pixels > {max_pixels}")
@@ -121,17 +141,17 @@ def decode_image(data: bytes | Path | str, *, name: str | None = None,
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError("decompression_bomb", label, str(e)) from e
+        raise ImageError("decompression_bomb", label, _detail(e, label)) from e
     except OSError as e:
         msg = str(e).lower()
         reason = "truncated" if ("truncated" in msg or "broken data stream" in msg) else "unreadable"
-        raise ImageError(reason, label, str(e)) from e
+        raise ImageError(reason, label, _detail(e, label)) from e
     except Exception as e:  # Pillow raises many kinds (SyntaxError, ValueError, ...) on bad files
-        raise ImageError("unreadable", label, f"{type(e).__name__}: {e}") from e
+        raise ImageError("unreadable", label, f"{type(e).__name__}: {_detail(e, label)}") from e
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as e:  # a broken EXIF block should not cost the photo
-        warnings.warn(f"{label}: EXIF orientation ignored ({e})", stacklevel=2)
+        warnings.warn(f"{label}: EXIF orientation ignored ({_detail(e, label)})", stacklevel=3)
     return to_rgb(img)
 
 
