@@ -192,3 +192,81 @@ def test_read_im2gps_folds(shared_data):
     assert len(read_im2gps(root, folds=5, fold=[0, 1])) == len(parts[0]) + len(parts[1])
     with pytest.raises(ValueError, match="fold"):
         read_im2gps(root, folds=5)
+
+
+def _yfcc_csv(path, rows=(("10201275523.jpg", 43.649708, -79.365637),)):
+    """A YFCC4k metadata file in the distributed layout: numbered columns, IMG_ID, LON, LAT among them."""
+    cols = ["0", "IMG_ID"] + [str(i) for i in range(2, 12)] + ["LON", "LAT"] + [str(i) for i in range(14, 25)]
+    table = [{**{c: "" for c in cols}, "0": n, "IMG_ID": img, "LON": lon, "LAT": lat}
+             for n, (img, lat, lon) in enumerate(rows)]
+    pd.DataFrame(table, columns=cols).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("reader", ["im2gps", "yfcc4k", "latlng_csv", "reference"])
+def test_empty_header_only_and_directory_csvs_are_errors_naming_the_file(tmp_path, reader):
+    header = {"im2gps": HEADER, "yfcc4k": "0,IMG_ID,2,LON,LAT\n", "latlng_csv": "path,lat,lng\n",
+              "reference": "LAT,LON\n"}[reader]
+    path = tmp_path / "data.csv"
+
+    def read():
+        if reader == "im2gps":
+            return read_im2gps(tmp_path, csv="data.csv", images=None)
+        if reader == "yfcc4k":
+            return read_yfcc4k(tmp_path, csv="data.csv", images=None)
+        if reader == "latlng_csv":
+            return read_latlng_csv(path)
+        return load_reference_latlng("csv", csv=path)
+
+    for content, what in [("", "is empty"), ("\n\n", "is empty"), (header, "has a header but no rows"),
+                          (header + "\n", "has a header but no rows")]:
+        path.write_text(content)
+        with pytest.raises(ValueError, match=what) as e:
+            read()
+        assert str(e.value).startswith(f"{path}: "), content
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(ValueError, match="is a directory") as e:
+        read()
+    assert str(e.value).startswith(f"{path}: ")
+
+
+def test_yfcc4k_reader_refuses_an_im2gps_file(tmp_path):
+    write_im2gps(tmp_path, images=False)
+    with pytest.raises(ValueError, match=r"im2gps3k_places365.csv: has no numbered columns.*Im2GPS format.*"
+                                         r"data=im2gps3k or data=im2gps"):
+        read_yfcc4k(tmp_path, csv="im2gps3k_places365.csv", images=None)
+
+
+def test_im2gps_reader_refuses_a_yfcc4k_file(tmp_path):
+    _yfcc_csv(tmp_path / "yfcc4k_places365.csv")
+    with pytest.raises(ValueError, match=r"yfcc4k_places365.csv: has numbered columns.*data=yfcc4k"):
+        read_im2gps(tmp_path, csv="yfcc4k_places365.csv", images=None)
+    assert len(read_yfcc4k(tmp_path, images=None)) == 1
+
+
+@pytest.mark.shared_data
+def test_real_benchmark_files_are_refused_by_the_other_reader(shared_data):
+    with pytest.raises(ValueError, match="data=yfcc4k"):
+        read_im2gps(shared_data / "coords", csv="yfcc4k_places365.csv", images=None)
+    with pytest.raises(ValueError, match="data=im2gps3k"):
+        read_yfcc4k(shared_data / "im2gps3k-dev", csv="im2gps3k_places365.csv", images=None)
+    with pytest.raises(ValueError, match="data=im2gps3k"):
+        read_yfcc4k(shared_data / "coords", csv="im2gps_places365.csv", images=None)
+
+
+def test_embedded_sample_format_is_read_as_im2gps(tmp_path):
+    from geoloc.data.sample import CSV_COLUMNS
+
+    (tmp_path / "sample.csv").write_text(",".join(CSV_COLUMNS) + "\n" + "s1.jpg,a1,10.5,20.5,test,Cfb,1\n")
+    ds = read_im2gps(tmp_path, csv="sample.csv", images=None, split="test")
+    np.testing.assert_array_equal(ds.latlng, [[10.5, 20.5]])
+
+
+def test_longitude_out_of_range_names_file_line_and_id(tmp_path):
+    rows = ROWS[:2] + [("far.jpg", "9@N00", 10.0, 200.0)]
+    with pytest.raises(ValueError, match=r"im2gps3k_places365.csv.*row 4 \(far.jpg\): lat=10.0, lng=200.0"):
+        read_im2gps(write_im2gps(tmp_path / "b", rows=rows, images=False), images=None)
+    (tmp_path / "photos.csv").write_text("path,lat,lng\nx.jpg,1,2\ny.jpg,3,200\n")
+    with pytest.raises(ValueError, match=r"photos.csv.*row 3 \(y.jpg\): lat=3.0, lng=200.0"):
+        read_latlng_csv(tmp_path / "photos.csv")

@@ -40,7 +40,7 @@ def write_photo_csv(root, n_good=N_GOOD):
         rel = [f"photos/a.{i}.jpg", f"photos/sub/b {i}@N00.png", f"photos/c_{i}.JPG"][i % 3]
         _photo(i).save(root / rel, format="PNG" if rel.endswith(".png") else "JPEG", quality=98)
         score = "" if i == 4 else f"{i / 3}"  # one empty cell: NaN in the table, null in the shard
-        rows.append((rel, 10 + i * 0.123456789012345, -179.5 + i * 29.87654321, f"tag{i}", score))
+        rows.append((rel, 10 + i * 0.123456789012345, -179.5 + (i * 29.87654321) % 359, f"tag{i}", score))
         if i == 2:
             rows.append((MISSING, 1.5, 2.5, "gone", "1"))
         if i == 7:
@@ -392,3 +392,101 @@ def test_real_im2gps3k_photos(shared_data, tmp_path):
         assert np.abs(np.asarray(src, float) - np.asarray(it.image, float)).mean() < 3.0
         assert it.meta["AUTHOR"] == rows.loc[it.key, "AUTHOR"]
     assert len(list(make_webdataset(tmp_path / "real", split="test"))) == m["n_samples"]
+
+
+def test_a_shard_listed_twice_is_refused(shard_dir):
+    first = shard_dir / "test-000000.tar"
+    ds = ShardDataset([first, shard_dir / "test-000001.tar", first])  # construction reads nothing
+    with pytest.raises(ValueError, match=r"test-000000.tar: listed 2 times"):
+        len(ds)
+    with pytest.raises(ValueError, match=r"test-000000.tar: listed 2 times"):
+        len(ShardDataset(str(shard_dir / "test-{000000,000001,000000}.tar")))
+    # another spelling of the same file is the same shard
+    with pytest.raises(ValueError, match=r"listed 2 times.*\(as .*test-000000.tar and .*\.\..*test-000000.tar\)"):
+        len(ShardDataset([first, shard_dir / ".." / shard_dir.name / "test-000000.tar"]))
+    with pytest.raises(ValueError, match=r"test-000000.tar: listed 2 times"):
+        make_webdataset([first, first], shuffle=0)
+
+
+def test_the_same_image_in_two_shard_folders_is_refused(tmp_path, photos, shard_dir, monkeypatch):
+    copy = tmp_path / "copy"
+    write_shards(photos, copy, split="test", max_count=5)
+    both = [shard_dir / "test-000000.tar", shard_dir / "test-000001.tar", copy / "test-000000.tar"]
+    first_id = _journal_keys(shard_dir)[0][0]
+    expected = rf"image id '{first_id}' is in .*shards/test-000000.tar and in .*copy/test-000000.tar \(5 repeated"
+
+    def no_scan(path):
+        raise AssertionError(f"{path}: scanned although the journal records it")
+
+    # the journals give the ids: no tar is opened before the refusal
+    monkeypatch.setattr("geoloc.data.shards._scan_keys", no_scan)
+    skipped = SkipReport()
+    items = ShardDataset(both, decode=False).iter_items(skipped)
+    with pytest.raises(ValueError, match=expected):
+        next(items)
+    assert len(skipped) == 0
+    with pytest.raises(ValueError, match=expected):  # a brace pattern over both folders
+        _items(ShardDataset(str(tmp_path / "{shards,copy}/test-000000.tar"), decode=False))
+    monkeypatch.undo()
+
+    # without journals the tar headers give the webdataset keys, and the sample's json the image id
+    for folder in (shard_dir, copy):
+        (folder / "test-progress.jsonl").unlink()
+    with pytest.raises(ValueError, match=rf"image id '{first_id}' \(webdataset key '{safe_key(first_id)}'\) is in"):
+        _items(ShardDataset(both, decode=False))
+
+
+def test_an_image_twice_in_one_shard_is_refused(tmp_path):
+    path = tmp_path / "dup-000000.tar"
+    with tarfile.open(path, "w") as tf:
+        for key, i in [("k1", 1), ("k2", 2), ("k1", 3)]:
+            for name, data in [(f"{key}.jpg", _jpeg(i)),
+                               (f"{key}.json", json.dumps({"key": f"id-{key}", "latlng": [i, i]}).encode())]:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    ds = ShardDataset([path])
+    assert len(ds) == 2  # distinct samples, from the header scan
+    with pytest.raises(ValueError, match=r"image id 'id-k1' \(webdataset key 'k1'\) is twice in .*dup-000000.tar"):
+        _items(ds)
+
+
+def test_reading_distinct_shards_is_unchanged_by_the_checks(shard_dir, tmp_path, photos):
+    # every shard once, in whatever url form, reads as before
+    keys = [it.key for it in _items(ShardDataset(shard_dir, split="test", decode=False))[0]]
+    assert keys == list(_good_rows(photos)["key"])
+    other = read_latlng_csv(write_photo_csv(tmp_path / "src2", n_good=3))
+    other_keys = [f"other/{k}" for k in _good_rows(other)["key"]]
+    other.table["key"] = "other/" + other.table["key"]  # other ids, so the two folders do not overlap
+    write_shards(other, tmp_path / "other", split="test")
+    mixed = ShardDataset([*sorted(shard_dir.glob("test-*.tar")), tmp_path / "other" / "test-000000.tar"],
+                         decode=False)
+    assert [it.key for it in _items(mixed)[0]] == keys + other_keys
+
+
+def test_training_stream_marks_unusable_samples_for_the_collate(tmp_path):
+    """With mark_bad (what training uses) a photo that does not decode reaches the collate as a marked
+    sample, so the run counts and lists it, instead of vanishing in a worker's handler."""
+    import io
+    import json
+    import tarfile
+
+    from geoloc.data.images import encode_jpeg
+
+    good = encode_jpeg(Image.new("RGB", (8, 8), (10, 200, 30)))
+    members = {"a.json": {"key": "a", "latlng": [48.85, 2.35]}, "a.jpg": good,
+               "b.json": {"key": "b.jpg", "latlng": [51.5, -0.1]}, "b.jpg": b"\xff\xd8 not a jpeg",
+               "c.json": b"{not json", "c.jpg": good}
+    path = tmp_path / "train-000000.tar"
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            data = json.dumps(data).encode() if isinstance(data, dict) else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    out = list(make_webdataset([path], shuffle=0, mark_bad=True))
+    assert out[0][2] == "a"
+    assert (out[1]["bad"], out[1]["key"]) == ("unreadable", "b.jpg")
+    assert out[2]["bad"] == "bad_record" and out[2]["key"].endswith("train-000000.tar/c")
+    with pytest.warns(UserWarning, match="skipped a shard sample"):
+        assert len(list(make_webdataset([path], shuffle=0))) == 1  # without it: dropped and counted, as before

@@ -17,6 +17,7 @@ Formats:
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -135,15 +136,34 @@ class GeoDataset:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    """The rows of a CSV with a header, indexed by file line; errors name the file and what is wrong.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: the path is a directory, the file is empty, has a header but no rows, or is not CSV.
+    """
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a CSV file; name the CSV file in it")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (point data.root at the folder that holds it)")
     try:
         df = pd.read_csv(path, dtype={"IMG_ID": str, "AUTHOR": str}, keep_default_na=False,
                          na_values=[""], low_memory=False)
+    except pd.errors.EmptyDataError as e:
+        raise ValueError(f"{path}: is empty (no header, no rows); expected a header line and one row per "
+                         "photo") from e
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot be parsed as CSV: {e}") from e
+    if df.empty:
+        raise ValueError(f"{path}: has a header but no rows (columns {[str(c) for c in df.columns][:12]}); "
+                         "expected one row per photo")
     df.index = pd.RangeIndex(2, len(df) + 2)  # file line of each row (line 1 is the header)
     return df
+
+
+def _numbered_columns(df: pd.DataFrame) -> list[str]:
+    """Header names that are plain numbers (``0``, ``2``, ``3``, ...), as in YFCC4k as distributed."""
+    return [str(c) for c in df.columns if re.fullmatch(r"[0-9]+", str(c).strip())]
 
 
 def _require(df: pd.DataFrame, cols: list[str], path: Path) -> None:
@@ -284,13 +304,19 @@ def read_im2gps(root: str | Path, *, csv: str = "im2gps3k_places365.csv", images
 
     Raises:
         FileNotFoundError: the CSV or image folder is missing.
-        ValueError: a required column is missing, an id repeats, or a coordinate is out of range (the
-            message names the file line and image id).
+        ValueError: the CSV is empty or has no rows, is a YFCC4k file (numbered columns), a required column
+            is missing, an id repeats, or a coordinate is out of range (the message names the file line and
+            image id).
     """
     root = Path(root)
     path = root / csv
     df = _read_csv(path)
     _require(df, ["IMG_ID", "LAT", "LON"], path)
+    numbered = _numbered_columns(df)
+    if numbered:
+        raise ValueError(f"{path}: has numbered columns ({', '.join(numbered[:6])}, ...) as YFCC4k is distributed, "
+                         "not the Im2GPS format (IMG_ID,AUTHOR,LAT,LON,...); read it with data=yfcc4k "
+                         "(read_yfcc4k)")
     if split is not None:
         _require(df, ["split"], path)
         df = df[df["split"] == split]
@@ -327,11 +353,20 @@ def read_yfcc4k(root: str | Path, *, csv: str = "yfcc4k_places365.csv", images: 
         images: image folder relative to ``root``; None reads coordinates only.
         name: dataset name for reports.
         max_pixels: images larger than this are skipped as decompression bombs.
+
+    Raises:
+        FileNotFoundError: the CSV or image folder is missing.
+        ValueError: the CSV is empty or has no rows, has no numbered columns (an Im2GPS-style file), a
+            required column is missing, an id repeats, or a coordinate is out of range.
     """
     root = Path(root)
     path = root / csv
     df = _read_csv(path)
     _require(df, ["IMG_ID", "LAT", "LON"], path)
+    if not _numbered_columns(df):
+        raise ValueError(f"{path}: has no numbered columns (header {[str(c) for c in df.columns][:10]}), so it is "
+                         "not YFCC4k as distributed (0,IMG_ID,2,3,...,LON,LAT,...); it looks like the Im2GPS "
+                         "format: read it with data=im2gps3k or data=im2gps (read_im2gps)")
     df["IMG_ID"] = df["IMG_ID"].astype(str)
     latlng = _coordinates(df, "LAT", "LON", path)
     _check_unique(df["IMG_ID"], path)

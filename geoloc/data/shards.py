@@ -404,7 +404,8 @@ def resolve_shards(urls: str | Path | Sequence[str | Path], split: str | None = 
 
     Raises:
         FileNotFoundError: a named file, or every shard of a directory, is missing.
-        ValueError: a directory without ``split``.
+        ValueError: a directory without ``split``, or a shard named twice (as absolute paths: a repeated
+            list entry or brace alternative, or two spellings of one file), whose photos would count twice.
     """
     if isinstance(urls, (str, Path)):
         text = str(urls)
@@ -433,7 +434,22 @@ def resolve_shards(urls: str | Path | Sequence[str | Path], split: str | None = 
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} shard files not found, first {missing[0]} "
                                 f"(from {str(urls)[:200]})")
+    _refuse_repeats(paths, urls)
     return paths
+
+
+def _refuse_repeats(paths: list[Path], urls) -> None:
+    """ValueError when a shard is named twice (compared as absolute paths): its photos would count twice."""
+    first: dict[Path, Path] = {}
+    for p in paths:
+        a = p.resolve()
+        if a in first:
+            n = sum(1 for q in paths if q.resolve() == a)
+            spelled = f" (as {first[a]} and {p})" if first[a] != p else ""
+            source = str(urls)[:200] if isinstance(urls, (str, Path)) else f"a list of {len(paths)} shard files"
+            raise ValueError(f"{a}: listed {n} times in the shards to read{spelled}, from {source}; its "
+                             "photos would be read and scored twice. List each shard once")
+        first[a] = p
 
 
 class _Layout:
@@ -446,6 +462,7 @@ class _Layout:
         self.manifest_path: Path | None = None
         self.expected: dict[str, int] = {}  # shard name -> n_samples per the manifest
         self.complete = False  # the files are every shard of the manifest's split
+        self._journals: dict[tuple[Path, str], dict[str, dict]] = {}
         if self.is_dir:
             folder, prefix = Path(str(urls)).resolve(), split
         else:
@@ -477,18 +494,88 @@ class _Layout:
         self.complete = set(names) == set(listed)
 
     def journal_keys(self, shard_name: str) -> list[str] | None:
-        """The image ids the progress journal records for a shard, if there is a journal."""
+        """The image ids the progress journal beside the manifest records for a shard, if it has a journal."""
         if self.manifest_path is None:
             return None
-        path = self.manifest_path.with_name(self.manifest_path.name.replace("-manifest.json", "-progress.jsonl"))
+        prefix = self.manifest_path.name[: -len("-manifest.json")]
+        record = self._journal(self.manifest_path.parent, prefix).get(shard_name)
+        return None if record is None else list(record["keys"])
+
+    def shard_keys(self, path: Path) -> tuple[list[str], bool]:
+        """The keys of a shard's samples in stored order, and whether they are image ids.
+
+        They are the image ids the ``{split}-progress.jsonl`` beside the shard records for it when the
+        journal records a file of this very size; otherwise the webdataset keys a scan of the tar's
+        member headers finds (:func:`_scan_keys`).
+        """
+        m = _SHARD_NAME.match(path.name)
+        if m:
+            record = self._journal(path.parent.resolve(), m["split"]).get(path.name)
+            try:
+                if record is not None and record["shard"].get("bytes") == path.stat().st_size:
+                    return list(record["keys"]), True
+            except OSError:
+                pass
+        return _scan_keys(path), False
+
+    def _journal(self, folder: Path, prefix: str) -> dict[str, dict]:
+        key = (folder, prefix)
+        if key not in self._journals:
+            self._journals[key] = _journal_shards(folder / f"{prefix}-progress.jsonl")
+        return self._journals[key]
+
+
+def _journal_shards(path: Path) -> dict[str, dict]:
+    """``{shard name: record}`` of a progress journal, read without repairing it (a writer may be
+    appending); {} when it is absent or damaged. A torn last line is ignored."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    shards: dict[str, dict] = {}
+    for i, line in enumerate(lines):
         try:
-            _, records = _read_journal(path)
-        except (OSError, ValueError):
-            return None
-        for r in records:
-            if r.get("shard") and r["shard"]["name"] == shard_name:
-                return list(r["keys"])
-        return None
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            return {}
+        if i == 0:
+            if not isinstance(record, dict) or record.get("kind") != "header":
+                return {}
+            continue
+        shard = record.get("shard") if isinstance(record, dict) else None
+        if isinstance(shard, dict) and isinstance(shard.get("name"), str) and isinstance(record.get("keys"), list):
+            shards[shard["name"]] = record
+    return shards
+
+
+def _scan_keys(path: Path) -> list[str]:
+    """Webdataset keys of a tar's samples (consecutive members with one key), from the member headers
+    alone: an uncompressed tar is read by seeking from header to header. A damaged tar gives the keys
+    before the damage."""
+    keys: list[str] = []
+    try:
+        with tarfile.open(path, mode="r:*") as tf:
+            for member in tf:
+                if member.isreg():
+                    key = member.name.partition(".")[0]
+                    if not keys or keys[-1] != key:
+                        keys.append(key)
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        pass
+    return keys
+
+
+def _stored_id(path: Path, wkey: str) -> str:
+    """The image id in the json of the sample with webdataset key ``wkey`` (``wkey`` if it has none)."""
+    for key, group in _tar_groups(path, []):
+        if key == wkey and "json" in group:
+            try:
+                return str(json.loads(group["json"])["key"])
+            except (ValueError, KeyError, TypeError):
+                break
+    return wkey
 
 
 def _tar_groups(path: Path, errors: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -536,6 +623,13 @@ class ShardDataset:
     covers them, it gives ``len``, ``synthetic`` and ``notes``, shards it does not list are an error, and
     samples a damaged shard fails to yield are counted as skipped (reason ``corrupt_shard``).
 
+    Every photo is read once, so that none is scored twice: a shard named twice (compared as absolute
+    paths) is a ValueError when the shards are resolved (first use), and an image id in two shards, or
+    twice in one, is a ValueError before the first item is yielded. The ids come from the progress
+    journal beside each shard where it records that very file (same name and size), else from one scan
+    of the tar's member headers (webdataset keys, :func:`safe_key` of the ids; cheap for the
+    uncompressed tars :func:`write_shards` writes).
+
     Args:
         urls: a directory (with ``split``), a brace pattern ``"dir/test-{000000..000003}.tar"``, one shard,
             or a list of shards.
@@ -556,6 +650,7 @@ class ShardDataset:
         self.max_pixels = max_pixels
         self.replay_skipped = replay_skipped
         self.source = str(urls) if isinstance(urls, (str, Path)) else f"{len(self.urls)} shard file(s)"
+        self._ids_checked = False
 
     def __repr__(self) -> str:
         return f"ShardDataset({self.source!r}, split={self.split!r})"
@@ -590,18 +685,44 @@ class ShardDataset:
         return [(e["key"], e["reason"], e.get("detail", "")) for e in self.manifest["skipped"]["examples"]]
 
     @cached_property
+    def _shard_keys(self) -> list[tuple[list[str], bool]]:
+        """Per shard, in reading order: its samples' keys and whether they are image ids (else webdataset
+        keys), as :meth:`_Layout.shard_keys` gives them."""
+        return [self._layout.shard_keys(p) for p in self._layout.paths]
+
+    @cached_property
     def _n_samples(self) -> int:
         layout = self._layout
         if layout.manifest is not None:
             return sum(layout.expected[p.name] for p in layout.paths)
-        n = 0
-        for p in layout.paths:  # header scan only
-            try:
-                with tarfile.open(p, mode="r:*") as tf:
-                    n += len({m.name.partition(".")[0] for m in tf.getmembers() if m.isreg()})
-            except (tarfile.TarError, OSError, EOFError, zlib.error):
-                continue
-        return n
+        return sum(len(set(keys)) for keys, _ in self._shard_keys)
+
+    def _check_ids_unique(self) -> None:
+        """ValueError naming the first image id that is in two shards (or twice in one)."""
+        if self._ids_checked:
+            return
+        first_shard: dict[str, int] = {}  # webdataset key -> index of the first shard holding it
+        repeat, n_repeats = None, 0
+        for i, (keys, are_ids) in enumerate(self._shard_keys):
+            for key in keys:
+                wkey = safe_key(key) if are_ids else key
+                if wkey not in first_shard:
+                    first_shard[wkey] = i
+                    continue
+                n_repeats += 1
+                if repeat is None:
+                    repeat = (key, are_ids, first_shard[wkey], i)
+        if repeat is None:
+            self._ids_checked = True
+            return
+        key, are_ids, j, i = repeat
+        paths = self._layout.paths
+        img_id = key if are_ids else _stored_id(paths[i], key)
+        named = f"image id {img_id!r}" + (f" (webdataset key {key!r})" if img_id != key else "")
+        where = f"twice in {paths[i]}" if i == j else f"in {paths[j]} and in {paths[i]}"
+        raise ValueError(f"{named} is {where} ({n_repeats} repeated sample(s) in all); each photo must be read "
+                         "once, or it is scored twice. The shards overlap (copies, or runs over the same photos): "
+                         "read one set of them, or write the shards again from a single source")
 
     def __len__(self) -> int:
         """Samples in the shards, plus the writer's skipped photos when those are replayed."""
@@ -616,7 +737,11 @@ class ShardDataset:
                 ``corrupt_shard`` for samples a damaged shard lost) and, with ``replay_skipped``, the
                 photos the writer skipped.
             exclude: image ids to pass over silently (done in an earlier, resumed run).
+
+        Raises:
+            ValueError: an image id is in two shards or twice in one (before anything is yielded).
         """
+        self._check_ids_unique()
         for key, reason, detail in self._write_skips():
             if key not in exclude:
                 skipped.add(key, reason, f"when sharding: {detail}")
@@ -688,14 +813,29 @@ def scene_label(value) -> int:
 
 class _DecodeSample:
     """Webdataset map stage: a raw sample dict to ``(image_or_transformed, latlng (2,) float32, key)``, and
-    with ``scene`` the sample's :func:`scene_label` as a fourth element."""
+    with ``scene`` the sample's :func:`scene_label` as a fourth element. With ``mark_bad`` a sample whose
+    record or photo is unusable becomes ``{"bad": reason, "key": ...}`` (what the training collate counts
+    and reports) instead of an exception for the handler."""
 
-    def __init__(self, transform: Callable | None, max_pixels: int, scene: bool = False):
+    def __init__(self, transform: Callable | None, max_pixels: int, scene: bool = False, mark_bad: bool = False):
         self.transform = transform
         self.max_pixels = max_pixels
         self.scene = scene
+        self.mark_bad = mark_bad
 
     def __call__(self, sample: dict):
+        if not self.mark_bad:
+            return self._decode(sample)
+        try:
+            return self._decode(sample)
+        except (ImageError, ValueError) as e:
+            try:
+                key = str(json.loads(sample["json"])["key"])
+            except (KeyError, TypeError, ValueError):
+                key = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
+            return {"bad": e.reason if isinstance(e, ImageError) else "bad_record", "key": key}
+
+    def _decode(self, sample: dict):
         import torch
 
         where = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
@@ -735,7 +875,7 @@ def make_webdataset(urls: str | Path | Sequence[str | Path], *, split: str | Non
                     seed: int = 0, resampled: bool = False, transform: Callable | None = None,
                     epoch_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                     handler: Callable[[Exception], bool] | None = None, empty_check: bool = True,
-                    scene: bool = False):
+                    scene: bool = False, mark_bad: bool = False):
     """The training stream over shards: a ``webdataset.WebDataset`` pipeline.
 
     Stages: shard list -> ``wds.split_by_node`` -> ``wds.split_by_worker`` -> seeded shard shuffle ->
@@ -777,9 +917,15 @@ def make_webdataset(urls: str | Path | Sequence[str | Path], *, split: str | Non
             to a :class:`SkipCounter`, available as the returned pipeline's ``skip_counter``.
         empty_check: raise when a worker's stream turns out empty (webdataset's check).
         scene: also yield each sample's scene label (for the ``scene`` evidence head).
+        mark_bad: yield ``{"bad": reason, "key": id}`` for a sample whose record or photo is unusable,
+            instead of passing it to ``handler`` (the training collate drops, counts and reports these).
 
     Returns:
         An iterable ``webdataset.WebDataset``, usable as a torch ``IterableDataset``.
+
+    Raises:
+        ValueError: a shard is named twice (see :func:`resolve_shards`). Image ids are not checked across
+            shards here (:class:`ShardDataset` does, for evaluation).
     """
     import webdataset as wds
 
@@ -794,7 +940,7 @@ def make_webdataset(urls: str | Path | Sequence[str | Path], *, split: str | Non
                         empty_check=empty_check)
     if shuffle and shuffle > 1:
         ds = ds.compose(wds.detshuffle(int(shuffle), initial=min(int(shuffle), 100), seed=seed))
-    ds = ds.map(_DecodeSample(transform, max_pixels, scene), handler=handler)
+    ds = ds.map(_DecodeSample(transform, max_pixels, scene, mark_bad), handler=handler)
     if epoch_size is not None:
         ds = ds.with_epoch(int(epoch_size))
     ds.skip_counter = counter
