@@ -16,6 +16,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from geoloc.cli import user_errors
 from geoloc.countries import default_admin_lookup
 from geoloc.evaluation import evaluate
 
@@ -32,10 +33,15 @@ def main(cfg: DictConfig) -> dict:
     print(" ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
                    for k in keys if k in metrics))
     print(f"wrote {cfg.output_dir}/metrics.json, predictions.csv, results.md")
+    if metrics["n"] == 0:
+        reasons = ", ".join(f"{k}: {v}" for k, v in metrics.get("skipped_by_reason", {}).items()) or "none"
+        raise ValueError(f"{source.name}: no photo was scored ({metrics['n_skipped']} skipped: {reasons}); see "
+                         f"{cfg.output_dir}/skipped.csv")
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@user_errors("evaluate.py")
 def _entry(cfg: DictConfig) -> None:
     main(cfg)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geoloc.cli import user_errors
 from geoloc.io import atomic_path
 
 FIG_WIDTH_IN = 12.0
@@ -152,6 +153,7 @@ def _parse_bbox(text: str) -> tuple[float, float, float, float]:
     return vals
 
 
+@user_errors("geocells.plot")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m geocells.plot", description=__doc__.splitlines()[0])
     parser.add_argument("cells", help="geocell GeoParquet (python -m geocells.build)")

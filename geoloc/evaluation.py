@@ -139,8 +139,14 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
     pred_path, skip_path, run_path = out / "predictions.csv", out / "skipped.csv", out / "run.json"
     chain_path = out / "explanations.jsonl"
     info = run_info or {}
+    if resume and pred_path.exists() and pred_path.stat().st_size > 0 and not run_path.exists():
+        raise ValueError(f"{pred_path}: holds predictions but {out} has no run.json saying what made them, so "
+                         "this run cannot resume them; use another output_dir or resume=false")
     if resume and run_path.exists() and pred_path.exists():
-        before = json.loads(run_path.read_text())
+        try:
+            before = json.loads(run_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{run_path}: not JSON ({e}); use another output_dir or resume=false") from e
         if before != json.loads(json.dumps(info)):
             raise ValueError(
                 f"{out}: holds a run of {before.get('predictor')} on {before.get('dataset')}, not "

@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from geoloc.cli import user_errors
 from geoloc.evaluation import TABLE_HEADER, table_row
 from geoloc.io import atomic_write_text
 
@@ -43,6 +44,7 @@ def combined_table(run_dirs: list[str | Path]) -> str:
     return "".join(parts)
 
 
+@user_errors("geoloc.report")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("runs", nargs="+", help="evaluate.py output folders")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from geoloc.cli import user_errors
 from geoloc.data.shards import write_shards
 
 
@@ -44,6 +45,7 @@ def main(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="shards")
+@user_errors("geoloc.shards")
 def _entry(cfg: DictConfig) -> None:
     main(cfg)
 

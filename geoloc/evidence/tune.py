@@ -117,4 +117,7 @@ def load_weights(path: str | Path) -> dict[str, float]:
 if __name__ == "__main__":
     import hydra as _hydra
 
-    _hydra.main(version_base="1.3", config_path="../../conf", config_name="tune_evidence")(main)()
+    from geoloc.cli import user_errors
+
+    _entry = user_errors("geoloc.evidence.tune")(main)
+    _hydra.main(version_base="1.3", config_path="../../conf", config_name="tune_evidence")(_entry)()
