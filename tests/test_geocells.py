@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -6,12 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely
+from omegaconf import OmegaConf
 
-from geocells.build import build_geocells, read_points, write_geocells
+from geocells import build as build_module
+from geocells.build import SCHEMES, _main, build_geocells, read_points, write_geocells
 from geoloc.cells import Geocells
 from geoloc.h3index import h3_centers, h3_resolution, latlng_to_h3
 
 from .conftest import REPO
+from .test_geocells_points import answer_is_member_photo
 
 MIN, MAX = 50, 600
 
@@ -119,13 +123,19 @@ def test_split_cells_are_contiguous_and_neighbors_symmetric(built):
     assert any(nb[i] for i in one["cell_id"])
 
 
-def test_centroid_is_mean_of_member_points(built, points):
+def test_mean_is_mean_of_member_points(built, points):
     cells, _ = built
     ids = Geocells(cells).assign(points)
     c = int(cells.loc[cells["adm0_a3"] == "BBB", "cell_id"].iloc[0])
     mine = points[ids == c]
-    assert cells.loc[c, "centroid_lat"] == pytest.approx(mine[:, 0].mean(), abs=0.05)
-    assert cells.loc[c, "centroid_lng"] == pytest.approx(mine[:, 1].mean(), abs=0.05)
+    assert cells.loc[c, "mean_lat"] == pytest.approx(mine[:, 0].mean(), abs=0.05)
+    assert cells.loc[c, "mean_lng"] == pytest.approx(mine[:, 1].mean(), abs=0.05)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_answer_point_is_a_member_photo(scheme, built, points, boundaries):
+    cells = built[0] if scheme == "semantic" else build_geocells(points, boundaries, scheme=scheme, res=5)[0]
+    assert answer_is_member_photo(cells, points).all()
 
 
 def test_deterministic(points, boundaries, built):
@@ -175,7 +185,8 @@ def test_write_load_and_cli(tmp_path, built, points, boundaries):
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "cells from 3993 points" in res.stdout and "CCC" in res.stdout
-    assert len(Geocells.load(out)) == len(cells)
+    loaded = Geocells.load(out)
+    assert len(loaded) == len(cells) and loaded.meta["centroid"] == "medoid" and loaded.meta["bridge_km"] == 150
 
 
 def test_points_file_errors(tmp_path):
@@ -185,3 +196,88 @@ def test_points_file_errors(tmp_path):
     (tmp_path / "q.csv").write_text("x,y\n1,2\n")
     with pytest.raises(ValueError, match="needs lat and lng"):
         read_points(tmp_path / "q.csv")
+
+
+@pytest.mark.parametrize(("name", "content", "says"), [
+    ("empty.csv", b"", "empty file"),
+    ("header.csv", b"lat,lon\n", "no rows, only a header"),
+    ("blank.csv", b"\n\n", "no header line"),
+    ("ragged.csv", b"lat,lon\n1,2\n3,4,5,6\n", "not a readable CSV file (Error tokenizing data. C error: Expected 2"),
+    ("latin1.csv", "lat,lon,place\n1,2,Bogotá\n".encode("latin-1"), "not UTF-8 text (line 2, byte 0xe1)"),
+    ("fake.parquet", b"lat,lon\n1,2\n", "not a readable Parquet file"),
+    ("empty.parquet", b"", "empty file; expected a Parquet table"),
+    ("parquet.csv", b"PAR1\x15\x04PAR1", "a Parquet file without a .parquet suffix"),
+])
+def test_bad_points_files_name_the_file(tmp_path, name, content, says):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        read_points(path)
+    assert str(e.value).startswith(f"{path}: ") and says in str(e.value)
+    assert type(e.value) is ValueError  # not a pandas or pyarrow exception
+
+
+def test_points_split_without_rows(tmp_path):
+    (tmp_path / "p.csv").write_text("lat,lon,split\n1,2,train\n")
+    with pytest.raises(ValueError, match=r"p.csv: no rows with split == 'val'; the file's splits are \['train'\]"):
+        read_points(tmp_path / "p.csv", split="val")
+    with pytest.raises(ValueError, match="is a folder"):
+        read_points(tmp_path)
+
+
+def _cfg(points, out):
+    cfg = OmegaConf.load(REPO / "conf" / "geocells.yaml")
+    cfg.points, cfg.out = str(points), str(out)
+    return cfg
+
+
+@pytest.fixture
+def no_build(monkeypatch):
+    """Fails the test if the build starts: the output must be checked first."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the build started before the output path was checked")
+
+    monkeypatch.setattr(build_module, "read_points", fail)
+    monkeypatch.setattr(build_module, "build_geocells", fail)
+
+
+def test_unwritable_output_fails_before_the_build(tmp_path, no_build, monkeypatch):
+    pts = tmp_path / "pts.csv"
+    pts.write_text("lat,lon\n1,2\n")
+    with pytest.raises(ValueError, match=f"^{tmp_path}: is a folder; out= takes the cells file"):
+        _main(_cfg(pts, tmp_path))
+    with pytest.raises(ValueError, match=f"^{pts}/cells.parquet: cannot create its folder: {pts} is a file"):
+        _main(_cfg(pts, pts / "cells.parquet"))
+    with pytest.raises(ValueError, match=f"{pts} is a file"):
+        _main(_cfg(pts, pts / "deeper" / "cells.parquet"))
+    # a read-only folder (simulated: root may write anywhere)
+    import tempfile
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", denied)
+    with pytest.raises(PermissionError, match=f"^{tmp_path}/ro/cells.parquet: cannot write in {tmp_path}/ro"):
+        _main(_cfg(pts, tmp_path / "ro" / "cells.parquet"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_read_only_output_folder(tmp_path, no_build):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match=f"^{ro}/cells.parquet: cannot write in {ro}"):
+            _main(_cfg(tmp_path / "pts.csv", ro / "cells.parquet"))
+    finally:
+        ro.chmod(0o755)
+
+
+def test_cli_user_errors_are_one_line(tmp_path):
+    (tmp_path / "header.csv").write_text("lat,lon\n")
+    res = subprocess.run([sys.executable, "-m", "geocells.build", f"points={tmp_path / 'header.csv'}",
+                          f"out={tmp_path / 'cells.parquet'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"geocells.build: error: {tmp_path / 'header.csv'}: no rows, only a header (columns ['lat', 'lon']); "
+        "expected one row per training photo"]
