@@ -2,8 +2,9 @@
 
 A geocell file (GeoParquet, written by ``python -m geocells.build``) holds one row per cell:
 ``cell_id`` (0..C-1, the class index), ``geometry``, ``n_points``, ``centroid_lat``/``centroid_lng``
-(mean of member training points), country and admin-1 attributes, ``h3_cells`` (the member H3 cells;
-a cell is exactly their union) and ``neighbors`` (cell ids that share an edge). The scheme and the
+(the cell's answer point: a member training photo at its centre, see geocells/README.md), country and
+admin-1 attributes, ``h3_cells`` (the member H3 cells; a cell is exactly their union) and
+``neighbors`` (cell ids that share an edge). The scheme and the
 build settings are in the file's metadata.
 
 :class:`Geocells` assigns points through the H3 index (vectorized), which agrees with containment in
@@ -14,13 +15,14 @@ builds them lives in the ``geocells`` package.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from geoloc.geo import latlng_to_xyz, validate_latlng
+from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
 from geoloc.h3index import H3Table, h3_centers
 
 GEOCELLS_FORMAT_VERSION = 1
@@ -58,23 +60,51 @@ class Geocells:
 
     @classmethod
     def load(cls, path: str | Path) -> Geocells:
-        """Reads a geocell GeoParquet file."""
+        """Reads a geocell GeoParquet file.
+
+        Raises:
+            FileNotFoundError: there is no such file.
+            ValueError: the path is a directory, or a file that is not a readable geocell file (empty,
+                truncated, not Parquet, bad metadata), or of a format newer than this geoloc reads.
+        """
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
+        def reason(e: Exception) -> str:  # pyarrow's first sentence says what is wrong; the rest is advice
+            return str(e).strip().split(". ")[0].rstrip(".") or type(e).__name__
+
         path = Path(path)
+        refused = f"{path}: not a geocell file (GeoParquet written by python -m geocells.build)"
+        if path.is_dir():
+            raise ValueError(f"{refused}: it is a directory")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no geocell file (build one with python -m geocells.build)")
-        schema = pq.read_schema(path)
+        if path.stat().st_size == 0:
+            raise ValueError(f"{refused}: it is empty (0 bytes)")
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{refused}: {reason(e)}") from e
         raw = (schema.metadata or {}).get(METADATA_KEY)
-        meta = json.loads(raw) if raw else {}
+        try:
+            meta = json.loads(raw) if raw else {}
+        except ValueError as e:
+            raise ValueError(f"{refused}: its {METADATA_KEY.decode()} metadata is not JSON ({e})") from e
+        if not isinstance(meta, dict):
+            raise ValueError(f"{refused}: its {METADATA_KEY.decode()} metadata is not a JSON object")
         if meta.get("format_version", GEOCELLS_FORMAT_VERSION) > GEOCELLS_FORMAT_VERSION:
             raise ValueError(f"{path}: geocell format {meta['format_version']} is newer than this geoloc reads")
         try:
-            import geopandas as gpd
+            try:
+                import geopandas as gpd
 
-            table = gpd.read_parquet(path)
-        except ValueError:  # no geometry column: still usable for assignment
-            table = pd.read_parquet(path)
+                table = gpd.read_parquet(path)
+            except ValueError as e:  # no geometry column: still usable for assignment
+                if isinstance(e, pa.ArrowException):  # ArrowInvalid is a ValueError too: a damaged file
+                    raise
+                table = pd.read_parquet(path)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{refused}: {reason(e)}") from e
         return cls(table, meta, str(path))
 
     def __len__(self) -> int:
@@ -83,9 +113,21 @@ class Geocells:
     def __repr__(self) -> str:
         return f"Geocells({len(self)} cells, scheme={self.meta.get('scheme')!r}, source={self.source!r})"
 
+    def fingerprint(self) -> str:
+        """A short hash of the cell ids and centroids: what a classifier's output index ``k`` means.
+
+        A checkpoint and an exported model store it, so that they refuse a cells file whose cells are
+        other ones or the same ones in another order (which would silently give wrong region names).
+        """
+        h = hashlib.sha256(b"geoloc.geocells:ids+centroids")
+        h.update(np.ascontiguousarray(self.table["cell_id"].to_numpy(np.int64)).tobytes())
+        h.update(np.ascontiguousarray(np.round(self.centroids, 6)).tobytes())
+        return h.hexdigest()[:16]
+
     @property
     def centroids(self) -> np.ndarray:
-        """``(C, 2)`` ``[lat, lng]``: mean location of each cell's training points."""
+        """``(C, 2)`` ``[lat, lng]``: where each cell answers (the member photo nearest the centre of its
+        photo-weighted medoid H3 unit, on land among its photos; older files: the members' mean)."""
         return self.table[["centroid_lat", "centroid_lng"]].to_numpy(dtype=np.float64)
 
     @property
@@ -134,6 +176,18 @@ class Geocells:
 
         tree = cKDTree(latlng_to_xyz(h3_centers(cells)))
         self._index = (table, tree, owner)
+
+    def distance_km(self, latlng) -> np.ndarray:
+        """``(N,)`` km from each point to the nearest cell: 0 inside a cell, else the great-circle distance
+        to the nearest member H3 cell centre (to tell points far from every cell, e.g. cells built for
+        other data)."""
+        ids, inside = self.assign(latlng, return_inside=True)
+        out = np.zeros(len(ids))
+        if (~inside).any():
+            _, tree, _ = self._index
+            chord, _ = tree.query(latlng_to_xyz(validate_latlng(latlng, what="points")[~inside]))
+            out[~inside] = 2.0 * EARTH_RADIUS_KM * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))
+        return out
 
     def assign(self, latlng, *, return_inside: bool = False):
         """Cell ids for points.

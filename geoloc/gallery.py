@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -112,11 +113,19 @@ class GPSGallery:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no gallery cache (GPSGallery.build(...).save(path) makes one)")
-        with np.load(path, allow_pickle=False) as z:
-            version = int(z["version"])
-            if version != GALLERY_FORMAT_VERSION:
-                raise ValueError(f"{path}: gallery format {version}, this geoloc reads {GALLERY_FORMAT_VERSION}")
-            gallery = cls(z["latlng"], z["embeddings"], str(z["fingerprint"]), normalized=True)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                version = int(z["version"])
+                if version != GALLERY_FORMAT_VERSION:
+                    raise ValueError(f"{path}: gallery format {version}, this geoloc reads {GALLERY_FORMAT_VERSION}")
+                gallery = cls(z["latlng"], z["embeddings"], str(z["fingerprint"]), normalized=True)
+        except ValueError as e:
+            if str(e).startswith(str(path)):
+                raise
+            raise ValueError(f"{path}: not a readable gallery cache ({e}); delete it to rebuild it") from e
+        except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: not a readable gallery cache ({type(e).__name__}: {e}); delete it to "
+                             "rebuild it") from e
         if encoder is not None and gallery.fingerprint != encoder_fingerprint(encoder):
             raise ValueError(f"{path}: made with other location-encoder weights (fingerprint "
                              f"{gallery.fingerprint}); rebuild it for this checkpoint")

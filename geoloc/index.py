@@ -57,6 +57,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -492,8 +493,13 @@ class RetrievalIndex:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{folder}: not a retrieval index (no meta.json; python -m geoloc.index "
                                     "builds one)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != INDEX_FORMAT_VERSION:
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{meta_path}: not JSON ({e}); the index is damaged: rebuild it with python -m "
+                             "geoloc.index") from e
+        if not isinstance(meta, dict) or meta.get("format_version") != INDEX_FORMAT_VERSION:
+            meta = meta if isinstance(meta, dict) else {}
             raise ValueError(f"{meta_path}: index format {meta.get('format_version')}, this geoloc reads "
                              f"{INDEX_FORMAT_VERSION}; rebuild it with python -m geoloc.index")
         if net is not None and meta.get("fingerprint") != encoder_fingerprint(net):
@@ -503,12 +509,16 @@ class RetrievalIndex:
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name}: missing from the index folder; rebuild it with "
                                         "python -m geoloc.index")
-        with np.load(folder / "index.npz", allow_pickle=False) as z:
-            missing = [k for k in _ARRAYS if k != "ref_emb" and k not in z.files]
-            if missing:
-                raise ValueError(f"{folder / 'index.npz'}: missing array(s) {missing}")
-            arrays = {k: z[k] for k in _ARRAYS if k != "ref_emb"}
-        arrays["ref_emb"] = np.load(folder / "ref_emb.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+        try:
+            with np.load(folder / "index.npz", allow_pickle=False) as z:
+                missing = [k for k in _ARRAYS if k != "ref_emb" and k not in z.files]
+                if missing:
+                    raise ValueError(f"{folder / 'index.npz'}: missing array(s) {missing}")
+                arrays = {k: z[k] for k in _ARRAYS if k != "ref_emb"}
+            arrays["ref_emb"] = np.load(folder / "ref_emb.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{folder}: an index file cannot be read ({type(e).__name__}: {e}); the index is "
+                             "damaged: rebuild it with python -m geoloc.index") from e
         index = cls(**arrays, meta=meta, source=str(folder))
         index._faiss_path = folder / "refs.faiss"
         return index
@@ -649,4 +659,6 @@ def main(cfg) -> RetrievalIndex:
 if __name__ == "__main__":
     import hydra as _hydra
 
-    _hydra.main(version_base="1.3", config_path="../conf", config_name="index")(main)()
+    from geoloc.cli import user_errors
+
+    _hydra.main(version_base="1.3", config_path="../conf", config_name="index")(user_errors("geoloc.index")(main))()

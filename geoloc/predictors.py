@@ -207,7 +207,7 @@ class ModelPredictor:
     The classifier gives a probability for every geocell. Refinement (PIGEON, GeoCLIP) reranks the
     ``candidates`` most probable cells with retrieval scores and picks a coordinate inside the winner:
 
-    * ``refine="none"``: the most probable cell's centroid (mean of its training photos).
+    * ``refine="none"``: the most probable cell's centroid (its answer point, a training photo's location).
     * ``"prototypes"``: each candidate cell is scored by its best location-cluster prototype (cosine
       similarity to the image embedding, :mod:`geoloc.index`); the fused score is
       ``w_cells * log p(cell) + w_prototypes * log softmax(score / T)`` over the candidates; the answer is
@@ -272,6 +272,9 @@ class ModelPredictor:
         from geoloc.models.loading import load_checkpoint
 
         parts = _refine_parts(refine)
+        for what, v in (("topk", topk), ("candidates", candidates), ("batch_size", batch_size)):
+            if int(v) < 1:
+                raise ValueError(f"{what} must be at least 1, got {v}")
         self.name, self.topk, self.batch_size, self.device = name, int(topk), int(batch_size), device
         self.candidates = max(int(candidates), self.topk)
         self.temperature, self.gallery_temperature = float(temperature), float(gallery_temperature)
@@ -354,11 +357,17 @@ class ModelPredictor:
 
         path = Path(gallery) if gallery else self.ckpt.parent.parent / "gallery_v1.npz"
         enc = self.net.location_encoder
+        g = None
         if path.is_file():
-            g = GPSGallery.load(path, encoder=enc)
+            try:
+                g = GPSGallery.load(path, encoder=enc)
+            except ValueError as e:
+                if gallery:  # a cache the user named: theirs to fix
+                    raise
+                warnings.warn(f"{e}: rebuilding it", stacklevel=3)  # the run's own cache: rebuilt in place
         elif gallery:
             raise FileNotFoundError(f"{path}: no gallery cache (None builds RUN/gallery_v1.npz on first use)")
-        else:
+        if g is None:
             from geoloc.data.readers import load_reference_latlng
 
             latlng = (load_reference_latlng("mp16_gallery") if source == "mp16_gallery"

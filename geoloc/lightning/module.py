@@ -52,12 +52,16 @@ class GeoLocModule(pl.LightningModule):
         warmup_steps: linear warmup before the cosine decay (which spans the whole run).
         evidence_weights: ``{head: w}``: cross-entropy of each evidence head of the model against the
             batch's ``evidence/<head>`` labels (masked labels, -1, left out), weighted into the loss.
+        cells_fingerprint: :meth:`geoloc.cells.Geocells.fingerprint` of the cells the head classifies into;
+            saved in every checkpoint (``checkpoint["geoloc"]``) so that loading refuses other cells.
     """
 
     def __init__(self, model: GeoLocator, cell_centroids: torch.Tensor, optimizer: Callable,
                  tau_km: float = 65.0, loss_weights: dict | None = None, queue_size: int = 4096,
-                 temperature: float = 0.07, warmup_steps: int = 100, evidence_weights: dict | None = None):
+                 temperature: float = 0.07, warmup_steps: int = 100, evidence_weights: dict | None = None,
+                 cells_fingerprint: str | None = None):
         super().__init__()
+        self.cells_fingerprint = cells_fingerprint
         loss_weights = {str(k): float(v) for k, v in (loss_weights or {}).items()}  # plain types only, so
         # checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({"tau_km": float(tau_km), "loss_weights": loss_weights,
@@ -74,6 +78,7 @@ class GeoLocModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
         self._val_dist: list[torch.Tensor] = []
+        self.trained_batches = 0  # batches that had photos, in this process (train.py checks some ran)
 
     @property
     def centroids(self) -> torch.Tensor:
@@ -120,6 +125,7 @@ class GeoLocModule(pl.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         if self.weights["gps"]:
             self.queue.enqueue(gather_latlng(batch["latlng"].detach()))
+        self.trained_batches += 1
         return losses["loss"]
 
     @torch.no_grad()
@@ -170,6 +176,8 @@ class GeoLocModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the torch RNG (dropout) so that a resumed run continues exactly
         checkpoint["geoloc_rng"] = torch.get_rng_state()
+        # what the head's outputs mean: loading refuses a cells file with another fingerprint
+        checkpoint["geoloc"] = {"cells_fingerprint": self.cells_fingerprint, "num_cells": int(self.centroids.shape[0])}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "geoloc_rng" in checkpoint:

@@ -4,10 +4,21 @@ A run folder holds ``config.yaml`` (written by train.py, resolved) and ``checkpo
 network is rebuilt from the run's backbone and location-encoder config (``pretrained=False``: the
 weights come from the checkpoint) and sized by the run's cells file. Everything that turns a trained
 model into answers (the predictor, the index builder, the exporter) starts here.
+
+**A run folder is data, not code.** People share run folders, so loading one must not run anything
+it says. The checkpoint is read with ``torch.load(weights_only=True)``; ``config.yaml`` with
+``yaml.safe_load``; and its model nodes are *not* given to ``hydra.utils.instantiate`` (which would
+call any ``_target_``, e.g. ``builtins.open`` or ``pandas.read_pickle``): each node must name one of
+geoloc's own model classes (:data:`RUN_TARGETS`) and hold only plain settings, which are checked and
+passed to that class directly. The checkpoint also records the fingerprint of its cells
+(:meth:`geoloc.cells.Geocells.fingerprint`), so another cells file (or the same cells in another
+order, which would silently give wrong region names) is refused.
 """
 
 from __future__ import annotations
 
+import importlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +26,16 @@ import torch
 
 from geoloc.cells import Geocells
 from geoloc.models.geolocator import GeoLocator
+
+#: The classes a run's ``config.yaml`` may build, per config node. Nothing else is ever called.
+RUN_TARGETS = {
+    "backbone": ("geoloc.models.image_encoder.ImageEncoder",),
+    "model.location_encoder": ("geoloc.models.location_encoder.LocationEncoder",),
+}
+#: Settings refused in a run's backbone node: they would make timm read files or fetch from a hub, and the
+#: weights come from the checkpoint anyway.
+_FORBIDDEN_BACKBONE_KEYS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+_PLAIN = (str, int, float, bool, type(None))
 
 
 @dataclass
@@ -56,6 +77,156 @@ def resolve_run_path(path: str | Path, run_dir: Path) -> Path:
     return path
 
 
+def is_torchscript(path: str | Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (what ``python -m geoloc.export`` writes)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def resolve_device(device: str) -> torch.device:
+    """``device`` as a torch device, refusing one this machine does not have (with what to use instead)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device (use cpu, cuda, cuda:1, mps)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA GPU on this machine "
+                         "(torch.cuda.is_available() is False); use device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} was asked for, but MPS is not available here; use device cpu")
+    return dev
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint written by train.py, read without running code (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a folder, an empty, truncated or foreign file, an exported TorchScript model, or a
+            file without a ``state_dict``; the message names the file and says what to use instead.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give a checkpoint file such as {path}/checkpoints/best.ckpt")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: is empty (0 bytes), not a checkpoint; use another checkpoint of the run "
+                         "(e.g. best.ckpt) or train again")
+    if is_torchscript(path):
+        raise ValueError(f"{path}: is an exported TorchScript model (python -m geoloc.export), not a train.py "
+                         "checkpoint; geoloc-predict --model accepts it as it is")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds on foreign or damaged files
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {reason}); it is damaged "
+                         "(e.g. truncated) or not a checkpoint. Use another checkpoint of the run (e.g. "
+                         "best.ckpt) or train again") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{path}: holds no 'state_dict', so it is not a checkpoint written by train.py")
+    return ckpt
+
+
+def _check_plain(value, where: str) -> None:
+    if isinstance(value, _PLAIN):
+        if isinstance(value, str) and "${" in value:
+            raise ValueError(f"{where}: {value!r} is an interpolation; a run's config.yaml is written resolved")
+        return
+    if isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise ValueError(f"{where}: only plain values (numbers, strings, lists) may be set here, got "
+                     f"{type(value).__name__}")
+
+
+def build_from_run_config(node, key: str, source: str | Path, **overrides):
+    """Builds one model node of a run's ``config.yaml`` without Hydra, allowing only geoloc's own classes.
+
+    Args:
+        node: the config node (a dict with ``_target_`` and plain settings).
+        key: which node (a key of :data:`RUN_TARGETS`), for the allow-list and messages.
+        source: the config file, named in errors.
+        **overrides: settings that replace the node's (``pretrained=False``).
+
+    Raises:
+        ValueError: another ``_target_``, a Hydra directive (``_args_``, ``_partial_``, ...), a nested
+            node, or a setting that would read files; nothing is called then.
+    """
+    where = f"{source}: {key}"
+    if not isinstance(node, dict):
+        raise ValueError(f"{where}: expected a mapping with _target_, got {type(node).__name__}")
+    target = node.get("_target_")
+    if target not in RUN_TARGETS[key]:
+        raise ValueError(f"{where}._target_ is {target!r}; a run's config may only build "
+                         f"{' or '.join(RUN_TARGETS[key])}. Refusing to load it: a run folder from elsewhere "
+                         "could otherwise run any code")
+    kwargs = {}
+    for k, v in node.items():
+        if k == "_target_":
+            continue
+        if not isinstance(k, str) or k.startswith("_"):
+            raise ValueError(f"{where}.{k}: Hydra directives are not allowed in a run's config")
+        if key == "backbone" and k in _FORBIDDEN_BACKBONE_KEYS:
+            raise ValueError(f"{where}.{k}: not allowed in a run's config (the weights come from the checkpoint)")
+        _check_plain(v, f"{where}.{k}")
+        kwargs[k] = list(v) if isinstance(v, tuple) else v
+    module_name, _, cls_name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(**{**kwargs, **overrides})
+
+
+def read_run_config(path: Path) -> dict:
+    """``RUN/config.yaml`` as a plain dict (``yaml.safe_load``), with the keys loading needs."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the run's config (written by train.py) is needed to rebuild the "
+                                "network; a checkpoint must stay in its run folder (RUN/checkpoints/*.ckpt)")
+    try:
+        run = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable YAML run config ({type(e).__name__})") from e
+    missing = [k for k in ("cells", "backbone", "model") if not isinstance(run, dict) or k not in run]
+    if missing or not isinstance(run.get("model"), dict):
+        raise ValueError(f"{path}: not a train.py run config (missing {missing or ['model']})")
+    return run
+
+
+def check_cells(cells: Geocells, ckpt: dict, *, ckpt_path: str | Path, run_cells: str | None = None) -> None:
+    """Refuses cells other than those the checkpoint was trained with.
+
+    Checks the cells fingerprint recorded in the checkpoint and, for checkpoints without one, the cell
+    centroids the loss keeps as a buffer (:class:`~geoloc.losses.HaversineSmoothingLoss`).
+    """
+    state = ckpt["state_dict"]
+    head = state.get("model.cell_head.1.weight")
+    hint = f"pass the run's own cells file ({run_cells})" if run_cells else "pass the cells the run was trained with"
+    if head is not None and head.shape[0] != len(cells):
+        raise ValueError(f"{cells.source}: {len(cells)} cells, but {ckpt_path} classifies into {head.shape[0]}; "
+                         f"{hint}")
+    stored = (ckpt.get("geoloc") or {}).get("cells_fingerprint")
+    if stored is not None:
+        if stored != cells.fingerprint():
+            raise ValueError(f"{cells.source}: not the cells {ckpt_path} was trained with (cells fingerprint "
+                             f"{cells.fingerprint()}, the checkpoint's is {stored}: other cells, or the same cells "
+                             f"in another order, would give wrong region names); {hint}")
+        return
+    centroids = state.get("cell_loss.cell_centroids")
+    if centroids is not None and centroids.shape == (len(cells), 2):
+        diff = (centroids.double() - torch.from_numpy(cells.centroids)).abs().max().item()
+        if diff > 1e-3:
+            raise ValueError(f"{cells.source}: its cell centroids differ from those {ckpt_path} was trained with "
+                             f"(by up to {diff:.3g} degrees): other cells, or the same cells in another order; "
+                             f"{hint}")
+
+
 def load_checkpoint(ckpt: str | Path, *, cells: str | Path | None = None, device: str = "cpu") -> LoadedModel:
     """Rebuilds the network of a ``train.py`` run and loads a checkpoint's weights.
 
@@ -66,32 +237,36 @@ def load_checkpoint(ckpt: str | Path, *, cells: str | Path | None = None, device
 
     Raises:
         FileNotFoundError: the checkpoint, the run config or the cells file is missing.
-        ValueError: the cells file does not match the checkpoint's head.
+        ValueError: a damaged or foreign file, a run config that names anything but geoloc's model
+            classes, cells other than the checkpoint's, or weights that do not fit the config.
     """
-    import hydra
-    import yaml
-
-    ckpt = Path(ckpt)
-    cfg_path = run_config_path(ckpt)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint")
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: the run's config (written by train.py) is needed to rebuild the "
-                                "network")
-    run = yaml.safe_load(cfg_path.read_text())
-    cells_path = str(cells) if cells else str(resolve_run_path(run["cells"], cfg_path.parent))
-    geocells = Geocells.load(cells_path)
-    backbone = hydra.utils.instantiate({**run["backbone"], "pretrained": False})
-    location_encoder = hydra.utils.instantiate(run["model"]["location_encoder"])
     from geoloc.evidence.labels import evidence_head_sizes
 
-    heads = evidence_head_sizes(run["model"].get("evidence"))
+    if ckpt is None or str(ckpt) in ("", "None", "null"):
+        raise ValueError("no checkpoint given: set ckpt=RUN/checkpoints/best.ckpt (a file written by train.py)")
+    ckpt = Path(ckpt)
+    dev = resolve_device(device)
+    checkpoint = read_checkpoint(ckpt)
+    cfg_path = run_config_path(ckpt)
+    run = read_run_config(cfg_path)
+    run_cells = str(resolve_run_path(run["cells"], cfg_path.parent))
+    cells_path = str(cells) if cells else run_cells
+    geocells = Geocells.load(cells_path)
+    check_cells(geocells, checkpoint, ckpt_path=ckpt, run_cells=run_cells)
+    backbone = build_from_run_config(run["backbone"], "backbone", cfg_path, pretrained=False)
+    location_encoder = build_from_run_config(run["model"].get("location_encoder"), "model.location_encoder",
+                                             cfg_path)
+    evidence = run["model"].get("evidence")
+    if evidence is not None and not isinstance(evidence, dict):
+        raise ValueError(f"{cfg_path}: model.evidence must map head names to loss weights")
+    heads = evidence_head_sizes(evidence)
     net = GeoLocator(backbone, location_encoder, num_cells=len(geocells), dropout=0.0, evidence_heads=heads)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    net_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    head = net_state.get("cell_head.1.weight")
-    if head is not None and head.shape[0] != len(geocells):
-        raise ValueError(f"{cells_path}: {len(geocells)} cells, but {ckpt} classifies into {head.shape[0]}")
-    net.load_state_dict(net_state)
-    net.eval().to(device)
+    net_state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    try:
+        net.load_state_dict(net_state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ValueError(f"{ckpt}: its weights do not fit the network {cfg_path} describes ({' '.join(first[:2])[:300]}"
+                         "); the config.yaml beside it must be the one train.py wrote for this run") from e
+    net.eval().to(dev)
     return LoadedModel(net, geocells, cells_path, dict(backbone.data_config), run, ckpt)
