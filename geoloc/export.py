@@ -19,7 +19,13 @@ cell centroids; with ``prototypes=true`` also the location-cluster prototypes of
 representative coordinate of the best cluster (the exported file carries no per-photo references, so
 it cannot return the nearest reference photo as the Python predictor does). ``geoloc.json`` inside the
 file (``torch.jit.load(path, _extra_files={"geoloc.json": ""})``) describes inputs, outputs and each
-cell's country and region names.
+cell's country and region names, the fingerprint of the cells (:meth:`geoloc.cells.Geocells.fingerprint`)
+and, for a model with evidence heads, each cell's evidence counts, so that ``geoloc-predict --model model.pt
+--explain`` can check the reasoning chain without the cells file
+(:class:`geoloc.exported.ExportedPredictor`).
+
+An exported file is TorchScript: code, by nature. Load only files you trust (see the README's "Trust and
+safety").
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from torch import nn
 from geoloc.io import atomic_path
 
 EXPORT_FORMAT_VERSION = 1
+#: Cell attributes carried in ``geoloc.json`` (names for answers, continents for the reasoning chain).
+CELL_NAME_COLUMNS = ("country", "adm0_a3", "admin1_name", "continent")
 
 
 class _Backbone(nn.Module):
@@ -156,10 +164,13 @@ def build_exported(ckpt: str | Path, *, topk: int = 5, prototypes: bool = False,
     module = ExportedGeolocator(model.net, model.data_config, model.cells.centroids, topk=topk, prototypes=protos,
                                candidates=candidates, temperature=temperature).eval()
     t = model.cells.table
-    names = {c: t[c].astype(str).tolist() for c in ("country", "adm0_a3", "admin1_name") if c in t.columns}
+    names = {c: t[c].fillna("").astype(str).tolist() for c in CELL_NAME_COLUMNS if c in t.columns}
+    cell_evidence = {h: [[int(v) for v in row] for row in t[f"evidence_{h}"]]
+                     for h in model.net.evidence if f"evidence_{h}" in t.columns}
     meta = {
         "format_version": EXPORT_FORMAT_VERSION, "geoloc_ckpt": str(model.ckpt),
         "backbone": model.net.image_encoder.name, "num_cells": len(model.cells), "topk": module.topk,
+        "cells_fingerprint": model.cells.fingerprint(),
         "input": "uint8 tensor (B, 3, H, W), RGB, any H and W",
         "outputs": {"latlng": "(B, 2) float32 [lat, lng] degrees", "topk_cells": "(B, k) int64 geocell ids",
                     "topk_prob": "(B, k) float32", "cell_prob": "(B, C) float32",
@@ -169,6 +180,7 @@ def build_exported(ckpt: str | Path, *, topk: int = 5, prototypes: bool = False,
                        "std": list(model.data_config["std"])},
         "prototypes": bool(prototypes), "cells": names,
         "evidence": {h: list(HEADS[h]) for h in model.net.evidence},
+        "cell_evidence": cell_evidence,  # per head, each cell's training photos over its classes (the checks)
     }
     return module, meta
 
@@ -224,4 +236,6 @@ def main(cfg) -> Path:
 if __name__ == "__main__":
     import hydra as _hydra
 
-    _hydra.main(version_base="1.3", config_path="../conf", config_name="export")(main)()
+    from geoloc.cli import user_errors
+
+    _hydra.main(version_base="1.3", config_path="../conf", config_name="export")(user_errors("geoloc.export")(main))()

@@ -4,6 +4,7 @@
     geoloc-predict photos/*.jpg --model ... --json                      # one JSON object per photo
     geoloc-predict photo.jpg --model ... --refine prototypes --topk 3
     geoloc-predict photo.jpg --model ... --explain [--ocr]               # the reasoning chain too
+    geoloc-predict photo.jpg --model model.pt [--explain]               # an exported model (geoloc.export)
 
 Prints the predicted location, the top geocells with their country, region and probability, and the
 GPS position in the photo's EXIF when there is one, with its distance from the prediction. The EXIF
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from geoloc.cli import USER_ERRORS, user_message
 from geoloc.data.images import ImageError, decode_image, read_exif_latlng
 from geoloc.geo import haversine_km
 from geoloc.predictors import REFINE_CHOICES
@@ -45,26 +48,32 @@ def _cell_info(table, cell: int) -> dict:
 
 
 def predict_files(paths: list[str], predictor, *, batch_size: int = 32) -> list[dict]:
-    """Runs the predictor on image files; one result dict per path, in order (``error`` set on failure)."""
+    """Runs the predictor on image files; one result dict per path, in order (``error`` set on failure).
+
+    Photos are decoded a batch at a time, so memory does not grow with the number of files.
+    """
     results: list[dict] = [{"path": p, "latlng": None, "top_cells": [], "exif_latlng": None,
                             "exif_distance_km": None, "error": None} for p in paths]
     if getattr(predictor, "explain", False):
         for r in results:
             r["explanation"] = None
-    good, images = [], []
-    for i, p in enumerate(paths):
-        try:
-            images.append(decode_image(Path(p)))
-            good.append(i)
-        except ImageError as e:
-            results[i]["error"] = f"{e.reason}: {e.detail}" if e.detail else e.reason
-        exif = read_exif_latlng(Path(p)) if Path(p).is_file() else None
-        results[i]["exif_latlng"] = list(exif) if exif else None
     table = predictor.cells.table
-    for s in range(0, len(good), batch_size):
-        idx = good[s:s + batch_size]
-        out = predictor.predict(images[s:s + batch_size], [paths[i] for i in idx])
-        for j, i in enumerate(idx):
+    for s in range(0, len(paths), batch_size):
+        good, images = [], []
+        for i in range(s, min(s + batch_size, len(paths))):
+            p = Path(paths[i])
+            try:
+                images.append(decode_image(p))
+                good.append(i)
+            except ImageError as e:
+                results[i]["error"] = f"{e.reason}: {e.detail}" if e.detail else e.reason
+            exif = read_exif_latlng(p) if p.is_file() else None
+            results[i]["exif_latlng"] = list(exif) if exif else None
+        if not good:
+            continue
+        out = predictor.predict(images, [paths[i] for i in good])
+        del images
+        for j, i in enumerate(good):
             r = results[i]
             r["latlng"] = [float(v) for v in out.latlng[j]]
             r["top_cells"] = [{**_cell_info(table, c), "prob": float(p)}
@@ -74,6 +83,25 @@ def predict_files(paths: list[str], predictor, *, batch_size: int = 32) -> list[
             if r["exif_latlng"] is not None:
                 r["exif_distance_km"] = float(haversine_km(np.array([r["latlng"]]), np.array([r["exif_latlng"]]))[0])
     return results
+
+
+def load_predictor(model: str, *, cells: str | None = None, refine: str = "none", index: str | None = None,
+                   topk: int | None = None, device: str = "cpu", explain: bool = False, ocr: bool = False):
+    """A predictor for ``--model``: an exported TorchScript file or a ``train.py`` checkpoint (told apart by
+    content, not by name)."""
+    from geoloc.models.loading import is_torchscript
+
+    if Path(model).is_file() and is_torchscript(model):
+        if refine != "none" or index is not None:
+            raise ValueError(f"{model}: an exported model refines as it was exported (python -m geoloc.export "
+                             "prototypes=true); --refine and --index apply to train.py checkpoints")
+        from geoloc.exported import ExportedPredictor
+
+        return ExportedPredictor(model, cells=cells, topk=topk, device=device, explain=explain, ocr=ocr)
+    from geoloc.predictors import ModelPredictor
+
+    return ModelPredictor(model, cells=cells, refine=refine, index=index, topk=topk or 5, device=device,
+                          explain=explain, ocr=ocr and explain)
 
 
 def format_text(r: dict) -> str:
@@ -95,33 +123,45 @@ def format_text(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="geoloc-predict", description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--model", required=True, help="a checkpoint written by train.py (RUN/checkpoints/*.ckpt)")
-    parser.add_argument("--topk", type=int, default=5, help="ranked cells to show")
+    parser.add_argument("--model", required=True, help="a checkpoint written by train.py (RUN/checkpoints/*.ckpt) "
+                        "or a model exported by python -m geoloc.export (model.pt)")
+    parser.add_argument("--topk", type=_positive_int, default=None,
+                        help="ranked cells to show (default 5; an exported model: as many as it returns)")
     parser.add_argument("--refine", default="none", choices=list(REFINE_CHOICES))
     parser.add_argument("--index", default=None, help="retrieval index folder (default RUN/index_v1)")
     parser.add_argument("--cells", default=None, help="geocells file (default: the run's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="photos decoded and predicted at a time")
     parser.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
     parser.add_argument("--explain", action="store_true",
                         help="the reasoning chain: scene, environment cues, region, each with its probability")
     parser.add_argument("--ocr", action="store_true", help="with --explain: also read text in the photo "
                         "(needs rapidocr-onnxruntime)")
     args = parser.parse_args(argv)
-
-    from geoloc.predictors import ModelPredictor
-
     try:
-        predictor = ModelPredictor(args.model, cells=args.cells, refine=args.refine, index=args.index,
-                                   topk=args.topk, device=args.device, explain=args.explain,
-                                   ocr=args.ocr and args.explain)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"geoloc-predict: {e}", file=sys.stderr)
+        predictor = load_predictor(args.model, cells=args.cells, refine=args.refine, index=args.index,
+                                   topk=args.topk, device=args.device, explain=args.explain, ocr=args.ocr)
+    except (ImportError, *USER_ERRORS) as e:
+        message = user_message(e) or str(e)
+        if os.environ.get("GEOLOC_DEBUG"):
+            raise
+        print(f"geoloc-predict: {message}", file=sys.stderr)
         return 2
-    results = predict_files(args.images, predictor)
+    results = predict_files(args.images, predictor, batch_size=args.batch_size)
     for r in results:
         if args.json:
             print(json.dumps(r, ensure_ascii=False))

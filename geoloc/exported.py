@@ -1,0 +1,186 @@
+"""Predicting with an exported TorchScript model (``python -m geoloc.export``), as with a checkpoint.
+
+The exported file carries everything an answer needs: preprocessing, network, cell centroids and, in
+``geoloc.json``, the cells' names, their fingerprint and (for models with evidence heads) each cell's
+evidence counts. :class:`ExportedPredictor` gives it the :class:`~geoloc.predictors.Predictor` interface,
+so ``geoloc-predict --model model.pt`` (with ``--explain``) works on it as on a ``train.py`` checkpoint.
+
+An exported file is TorchScript, which is code: load only files you trust (the README's "Trust and
+safety"). A checkpoint, by contrast, is read as data.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from geoloc.predictors import Prediction
+
+
+class ExportedCells:
+    """The cells of an exported model as its ``geoloc.json`` describes them: ids, centroids, names and
+    evidence counts (what answers and the reasoning chain need; no geometry, so no point assignment).
+
+    Attributes:
+        table: one row per cell (``cell_id``, ``centroid_lat``, ``centroid_lng``, ``country``, ``adm0_a3``,
+            ``admin1_name``, ``continent`` and ``evidence_<head>`` where the file has them).
+        source: where it came from, for messages.
+        stored_fingerprint: the fingerprint of the cells file the model was trained with.
+    """
+
+    def __init__(self, table: pd.DataFrame, source: str, stored_fingerprint: str | None = None):
+        self.table, self.source, self.stored_fingerprint = table, source, stored_fingerprint
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def centroids(self) -> np.ndarray:
+        return self.table[["centroid_lat", "centroid_lng"]].to_numpy(np.float64)
+
+
+def read_exported(path: str | Path, *, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """Loads an exported model and its ``geoloc.json``, with errors that name the file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a TorchScript file written by ``python -m geoloc.export`` (or a newer format).
+    """
+    from geoloc.export import EXPORT_FORMAT_VERSION
+    from geoloc.models.loading import is_torchscript, resolve_device
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give the exported model file (python -m geoloc.export out=...)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    if not is_torchscript(path):
+        raise ValueError(f"{path}: not an exported TorchScript model (python -m geoloc.export writes one)")
+    extra = {"geoloc.json": ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 marks torch.jit deprecated
+            model = torch.jit.load(str(path), map_location=resolve_device(device), _extra_files=extra)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds on damaged archives
+        raise ValueError(f"{path}: cannot be loaded as an exported model ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); export it again with "
+                         "python -m geoloc.export") from e
+    try:
+        meta = json.loads(extra["geoloc.json"] or "null")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: its geoloc.json is not JSON ({e}); export it again") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: a TorchScript file without geoloc.json, so not exported by geoloc; "
+                         "export the checkpoint with python -m geoloc.export")
+    if int(meta.get("format_version", 0)) > EXPORT_FORMAT_VERSION:
+        raise ValueError(f"{path}: export format {meta['format_version']} is newer than this geoloc reads "
+                         f"({EXPORT_FORMAT_VERSION})")
+    return model.eval(), meta
+
+
+class ExportedPredictor:
+    """An exported model behind the :class:`~geoloc.predictors.Predictor` interface.
+
+    Args:
+        path: the exported ``.pt`` file.
+        cells: optionally the cells file the model was trained with (refused if it is another one);
+            None reads the cell names and evidence counts from the file itself.
+        topk: ranked cells per photo (at most the number the model was exported with); None: all of them.
+        device: ``cpu`` or ``cuda``.
+        explain: attach a reasoning chain per photo (:mod:`geoloc.evidence.verbalize`), from the cell
+            probabilities and the evidence heads the file returns.
+        ocr: with ``explain``, also read text in the photo (:mod:`geoloc.evidence.ocr`).
+        name: report name.
+    """
+
+    needs_images = True
+
+    def __init__(self, path: str | Path, *, cells: str | Path | None = None, topk: int | None = None,
+                 device: str = "cpu", explain: bool = False, ocr: bool = False, name: str = "exported"):
+        self.path = Path(path)
+        self.name, self.device, self.explain = name, device, bool(explain)
+        self.model, self.meta = read_exported(self.path, device=device)
+        exported_k = int(self.meta.get("topk", 1))
+        self.topk = exported_k if topk is None else int(topk)
+        if not 1 <= self.topk <= exported_k:
+            raise ValueError(f"topk must lie in 1..{exported_k} for {self.path} (exported with topk={exported_k}; "
+                             "export again with a larger topk=)")
+        self.cells = self._cells(cells)
+        self.evidence_heads = list(self.meta.get("evidence", {}))
+        self.ocr = None
+        if ocr and explain:
+            from geoloc.evidence.ocr import TextReader
+
+            self.ocr = TextReader()
+
+    def _cells(self, cells):
+        centroids = self.model.centroids.detach().cpu().numpy().astype(np.float64)
+        stored = self.meta.get("cells_fingerprint")
+        if cells is not None:
+            from geoloc.cells import Geocells
+
+            g = Geocells.load(cells)
+            if len(g) != len(centroids) or (stored is not None and g.fingerprint() != stored):
+                raise ValueError(f"{cells}: not the cells {self.path} was exported with ({len(g)} cells, fingerprint "
+                                 f"{g.fingerprint()}; the model has {len(centroids)} cells, fingerprint {stored}); "
+                                 "leave --cells out: the model file carries its cells' names")
+            return g
+        table = pd.DataFrame({"cell_id": np.arange(len(centroids)), "centroid_lat": centroids[:, 0],
+                              "centroid_lng": centroids[:, 1]})
+        for col, values in (self.meta.get("cells") or {}).items():
+            if len(values) == len(table):
+                table[col] = values
+        for head, counts in (self.meta.get("cell_evidence") or {}).items():
+            if len(counts) == len(table):
+                table[f"evidence_{head}"] = [np.asarray(c, np.int64) for c in counts]
+        return ExportedCells(table, f"{self.path} (geoloc.json)", stored)
+
+    def forward(self, images) -> dict[str, np.ndarray]:
+        """The exported model on a list of RGB photos (same-size photos share a batch).
+
+        Returns:
+            ``latlng (B, 2)``, ``topk_cells (B, k)``, ``topk_prob (B, k)``, ``cell_prob (B, C)``,
+            ``embedding (B, D)`` and ``evidence/<head> (B, K)`` as numpy arrays, in input order.
+        """
+        arrays = [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, a in enumerate(arrays):
+            groups.setdefault(a.shape[:2], []).append(i)
+        outs: dict[str, np.ndarray] = {}
+        with torch.inference_mode():
+            for idx in groups.values():
+                x = torch.from_numpy(np.stack([arrays[i] for i in idx])).permute(0, 3, 1, 2).contiguous()
+                o = self.model(x.to(self.device))
+                for k, v in o.items():
+                    v = v.detach().cpu().numpy()
+                    if k not in outs:
+                        outs[k] = np.empty((len(arrays), *v.shape[1:]), dtype=v.dtype)
+                    outs[k][idx] = v
+        return outs
+
+    def predict(self, images, keys) -> Prediction:
+        out = self.forward(images)
+        cells = out["topk_cells"][:, :self.topk].astype(np.int64)
+        prob = out["topk_prob"][:, :self.topk].astype(np.float64)
+        pred = Prediction(out["latlng"].astype(np.float64), self.cells.centroids[cells], prob, cells,
+                          out["cell_prob"].astype(np.float32))
+        if self.explain:
+            from geoloc.evidence.verbalize import explain
+
+            text = [self.ocr.text_evidence(im) for im in images] if self.ocr is not None else None
+            refine = "prototypes (exported)" if self.meta.get("prototypes") else "none"
+            pred.explanations = explain(out, pred, self.cells, ocr=text, refine=refine)
+        return pred
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": "exported", "model": str(self.path), "n_cells": len(self.cells),
+                "backbone": self.meta.get("backbone"), "topk": self.topk,
+                "prototypes": bool(self.meta.get("prototypes")), "evidence_heads": self.evidence_heads,
+                "explain": self.explain, "ocr": self.ocr is not None}
