@@ -111,9 +111,11 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class Collate:
-    """Stacks a batch, drops bad photos (counted), assigns geocell labels and, for the evidence heads
-    asked for, their labels from the coordinates (``evidence/<head>``, -1 where masked). The ``scene``
-    label comes from the samples' fourth element when they carry one (masked otherwise)."""
+    """Stacks a batch, drops bad photos, assigns geocell labels and, for the evidence heads asked for, their
+    labels from the coordinates (``evidence/<head>``, -1 where masked). The ``scene`` label comes from the
+    samples' fourth element when they carry one (masked otherwise). Dropped photos are counted in
+    ``skipped`` and listed in the batch's ``skipped`` (``[(key, reason)]``), so that a training run can
+    report them even when the collate runs in a worker process."""
 
     def __init__(self, cells: Geocells, evidence_heads: tuple[str, ...] = ()):
         self.cells = cells
@@ -122,17 +124,18 @@ class Collate:
 
     def __call__(self, samples: list) -> dict:
         good = [s for s in samples if not isinstance(s, dict)]
-        for s in samples:
-            if isinstance(s, dict):
-                self.skipped[s["bad"]] += 1
+        bad = [(str(s.get("key", "?")), str(s["bad"])) for s in samples if isinstance(s, dict)]
+        for _, reason in bad:
+            self.skipped[reason] += 1
         if not good:
             return {"image": torch.zeros(0), "latlng": torch.zeros(0, 2), "cell": torch.zeros(0, dtype=torch.long),
-                    "key": [], **{f"evidence/{h}": torch.zeros(0, dtype=torch.long) for h in self.evidence_heads}}
+                    "key": [], "skipped": bad,
+                    **{f"evidence/{h}": torch.zeros(0, dtype=torch.long) for h in self.evidence_heads}}
         images, latlng, keys, *rest = zip(*good)
         latlng = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in latlng])
         ll = latlng.numpy().astype(np.float64)
         batch = {"image": torch.stack(images), "latlng": latlng, "cell": torch.from_numpy(self.cells.assign(ll)),
-                 "key": list(keys)}
+                 "key": list(keys), "skipped": bad}
         if self.evidence_heads:
             from geoloc.evidence.labels import evidence_labels
 
@@ -199,7 +202,8 @@ class GeoDataModule(pl.LightningDataModule):
         from geoloc.data.shards import make_webdataset
 
         stream = make_webdataset(source.shards, shuffle=self.shuffle_buffer if train else 0, scene=scene,
-                                 seed=self.seed, transform=transform, epoch_size=self.epoch_size if train else None)
+                                 seed=self.seed, transform=transform, epoch_size=self.epoch_size if train else None,
+                                 mark_bad=True)
         return DataLoader(stream, **common)
 
     def train_dataloader(self) -> DataLoader:
