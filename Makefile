@@ -29,7 +29,8 @@ lint: $(STAMP)
 # The main job on the embedded default (a synthetic sample generated on first use, no download):
 # sample -> shards -> geocells -> train a small model (about 10 minutes on 2 CPU cores) -> evaluate it and the
 # baselines on the held-out split with evaluate.py -> $(DEMO)/results.md. Fails if the model does not
-# beat the constant baseline.
+# beat the constant baseline. Run again, it resumes (a finished demo is not trained again); make clean-demo
+# starts over.
 SAMPLE_CSV = $$($(PY) -c 'from geoloc.data.sample import default_sample_root as d; print(d() / "sample.csv")')
 EVAL_TEST  = data=shards data.name=sample-test data.dir=$(DEMO)/shards data.split=test data.reference.source=sample progress=false
 
@@ -39,7 +40,7 @@ demo: $(STAMP)
 	$(PY) -m geoloc.shards data=sample data.split=test split=test out=$(DEMO)/shards
 	$(PY) -m geocells.build points=$(SAMPLE_CSV) points_split=train out=$(DEMO)/cells.parquet \
 		min_points=25 max_points=200
-	$(PY) train.py experiment=demo trainer.enable_progress_bar=false
+	$(PY) train.py experiment=demo trainer.enable_progress_bar=false ckpt_path=last
 	$(PY) evaluate.py $(EVAL_TEST) predictor=model ckpt=$(DEMO)/train/checkpoints/best.ckpt output_dir=$(DEMO)/model \
 		predictor.explain=true
 	$(PY) -m geoloc.export ckpt=$(DEMO)/train/checkpoints/best.ckpt out=$(DEMO)/model.pt
