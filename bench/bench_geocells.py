@@ -1,4 +1,4 @@
-"""Geocells at MP-16 scale (issue 3): build time and memory, assignment throughput, cell quality.
+"""Geocells at MP-16 scale: build time and memory, assignment throughput, cell quality.
 
     .venv/bin/python bench/bench_geocells.py [--shared ../shared/data] [--only gallery|mp16|all] [--keep DIR]
                                              [--boundaries PATH] [--timeout SECONDS]
@@ -262,6 +262,29 @@ def containment(gc, latlng: np.ndarray, ids: np.ndarray, sample: int, seed: int 
     return out
 
 
+def answer_points(gc, latlng: np.ndarray, ids: np.ndarray) -> dict:
+    """Where cells answer: the share of answer points (``centroid_lat/lng``) inside their own polygon and
+    their distance to the nearest member photo, against the members' mean (``mean_lat/lng``) where the
+    file has it."""
+    import shapely
+
+    from geoloc.geo import haversine_km
+
+    geoms = np.asarray(gc.table.geometry.values)
+    out = {}
+    for name, cols in (("answer_point", ("centroid_lat", "centroid_lng")), ("mean", ("mean_lat", "mean_lng"))):
+        if not set(cols) <= set(gc.table.columns):
+            continue
+        pt = gc.table[list(cols)].to_numpy(np.float64)
+        inside = shapely.contains_xy(geoms, pt[:, 1], pt[:, 0]) | shapely.intersects_xy(geoms, pt[:, 1], pt[:, 0])
+        nearest = pd.Series(haversine_km(latlng, pt[ids])).groupby(ids).min().reindex(range(len(gc)))
+        out[name] = {"outside_own_polygon": int((~inside).sum()),
+                     "km_to_nearest_member": {"median": round(float(nearest.median()), 3),
+                                              "p99": round(float(nearest.quantile(0.99)), 3),
+                                              "max": round(float(nearest.max()), 3)}}
+    return out
+
+
 def measure(name: str, latlng: np.ndarray, points_path: Path, settings: dict, workdir: Path,
             boundaries: str | None, timeout_s: float, sample: int) -> dict:
     """Build in a child, then load, assign and check containment in this process."""
@@ -287,6 +310,7 @@ def measure(name: str, latlng: np.ndarray, points_path: Path, settings: dict, wo
     res["assign"]["cells_with_count_mismatch"] = int((diff != 0).sum())
     res["assign"]["points_count_mismatch"] = int(np.abs(diff).sum())
     res["containment"] = containment(gc, latlng, ids, sample)
+    res["answer_points"] = answer_points(gc, latlng, ids)
     res["cells_file_mb"] = round(out.stat().st_size / 1e6, 2)
     return res
 
@@ -314,8 +338,15 @@ def print_run(name: str, r: dict) -> None:
     print(f"  cells {c['n_cells']:,}; points per cell min {c['points_per_cell']['min']}, median "
           f"{c['points_per_cell']['median']:g}, max {c['points_per_cell']['max']}; below min_points "
           f"{c['cells_below_min']}, above max_points {c['cells_above_max']}")
-    if c["countries_below_min"]:
-        print(f"  countries below min_points: {', '.join(c['countries_below_min'])}")
+    rep = b["report"]
+    if rep.get("countries_below_min"):
+        print(f"  countries with fewer than min_points photos in all: {', '.join(rep['countries_below_min'])}")
+    if rep.get("isolated_below_min"):
+        print(f"  isolated regions below min_points (own cell, no region of their country within bridge_km): "
+              f"{', '.join(rep['isolated_below_min'])}")
+    for kind, v in r.get("answer_points", {}).items():
+        print(f"  {kind}: {v['outside_own_polygon']} outside its own polygon; km to the nearest member photo "
+              f"{v['km_to_nearest_member']}")
     a = r["assign"]
     print(f"  assign: index {a['index_build_s']} s, best {a['assign_s_best']} s -> {a['points_per_s']:,.0f} "
           f"points/s; inside {a['inside_share']:.4%}; count mismatches {a['cells_with_count_mismatch']} cells / "
@@ -329,7 +360,7 @@ def print_run(name: str, r: dict) -> None:
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = ["# Geocells at scale (issue 3)\n\n",
+    lines = ["# Geocells at scale\n\n",
              f"Machine: {m['cores']} cores, {m['arch']}, Python {m['python']}. Targets: build <= "
              f"{TARGETS['build_s']:.0f} s, peak RSS <= {TARGETS['peak_rss_gib']:.0f} GiB, assignment >= "
              f"{TARGETS['assign_points_per_s']:,.0f} points/s. Made by `bench/bench_geocells.py`.\n"]
@@ -369,11 +400,21 @@ def markdown(results: dict) -> str:
             if "miss_distance_km" in k:
                 rows.append(("distance of misses outside the polygon (median / max)",
                              f"{k['miss_distance_km']['median']} / {k['miss_distance_km']['max']} km"))
+            for kind, v in r.get("answer_points", {}).items():
+                what = "answer points" if kind == "answer_point" else "members' means (not used to answer)"
+                km = v["km_to_nearest_member"]
+                rows.append((f"{what}: outside their own polygon; km to the nearest member photo "
+                             "(median / p99 / max)",
+                             f"{v['outside_own_polygon']}; {km['median']} / {km['p99']} / {km['max']}"))
         lines.append("\n| figure | value |\n|---|---|\n" + "".join(f"| {a} | {v} |\n" for a, v in rows))
-        if "cells" in r and r["cells"]["countries_below_min"]:
-            lines.append("\nCountries with cells below min_points (photos in those cells): "
-                         + ", ".join(f"{k2} ({v['points']})" for k2, v in r["cells"]["countries_below_min"].items())
-                         + ".\n")
+        rep = b.get("report", {})
+        if rep.get("countries_below_min"):
+            lines.append("\nCountries with fewer than min_points photos in all (one cell each): "
+                         + ", ".join(f"{k2} ({v})" for k2, v in rep["countries_below_min"].items()) + ".\n")
+        if rep.get("isolated_below_min"):
+            lines.append("\nIsolated regions below min_points (their own cell: no region of their country touches "
+                         "them or lies within bridge_km): "
+                         + ", ".join(f"{k2} ({v})" for k2, v in rep["isolated_below_min"].items()) + ".\n")
     return "".join(lines)
 
 
