@@ -35,18 +35,18 @@ SAMPLE_CSV = $$($(PY) -c 'from geoloc.data.sample import default_sample_root as 
 EVAL_TEST  = data=shards data.name=sample-test data.dir=$(DEMO)/shards data.split=test data.reference.source=sample progress=false
 
 demo: $(STAMP)
-	$(PY) -m geoloc.data.sample
-	$(PY) -m geoloc.shards data=sample data.split=train split=train out=$(DEMO)/shards
-	$(PY) -m geoloc.shards data=sample data.split=test split=test out=$(DEMO)/shards
+	$(PY) -m geoloc sample
+	$(PY) -m geoloc shards data=sample data.split=train split=train out=$(DEMO)/shards
+	$(PY) -m geoloc shards data=sample data.split=test split=test out=$(DEMO)/shards
 	$(PY) -m geocells.build points=$(SAMPLE_CSV) points_split=train out=$(DEMO)/cells.parquet \
 		min_points=25 max_points=200
 	$(PY) train.py experiment=demo trainer.enable_progress_bar=false ckpt_path=last
 	$(PY) evaluate.py $(EVAL_TEST) predictor=model ckpt=$(DEMO)/train/checkpoints/best.ckpt output_dir=$(DEMO)/model \
 		predictor.explain=true
-	$(PY) -m geoloc.export ckpt=$(DEMO)/train/checkpoints/best.ckpt out=$(DEMO)/model.pt
+	$(PY) -m geoloc export ckpt=$(DEMO)/train/checkpoints/best.ckpt out=$(DEMO)/model.pt
 	$(PY) evaluate.py $(EVAL_TEST) predictor=constant output_dir=$(DEMO)/constant
 	$(PY) evaluate.py $(EVAL_TEST) predictor=prior output_dir=$(DEMO)/prior
-	$(PY) -m geoloc.report $(DEMO)/model $(DEMO)/constant $(DEMO)/prior --out $(DEMO)/results.md \
+	$(PY) -m geoloc report $(DEMO)/model $(DEMO)/constant $(DEMO)/prior --out $(DEMO)/results.md \
 		--require-better $(DEMO)/model $(DEMO)/constant
 	@echo "Why (the first test photo's reasoning chain, $(DEMO)/model/explanations.jsonl):"
 	@head -n 1 $(DEMO)/model/explanations.jsonl | $(PY) -c 'import json, sys; print(json.loads(sys.stdin.read())["text"])'

@@ -17,8 +17,8 @@ import hydra
 from omegaconf import DictConfig
 
 from geoloc.cli import user_errors
-from geoloc.countries import default_admin_lookup
-from geoloc.evaluation import evaluate
+from geoloc.evaluation.engine import evaluate
+from geoloc.geo.countries import default_admin_lookup
 
 
 def main(cfg: DictConfig) -> dict:

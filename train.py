@@ -23,9 +23,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from geoloc.cells import Geocells
 from geoloc.cli import user_errors
 from geoloc.evidence.labels import evidence_head_sizes
+from geoloc.geo.cells import Geocells
 from geoloc.models.geolocator import GeoLocator
 
 #: Training photos farther than this from every cell are reported (they train on the nearest cell).
@@ -138,7 +138,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         ValueError: the output folder holds another run's checkpoints, a resume does not fit this run,
             the training set is smaller than one batch, or no training step ran.
     """
-    from geoloc.lightning.callbacks import RunConfigWriter, SkipRecorder
+    from geoloc.training.callbacks import RunConfigWriter, SkipRecorder
 
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)

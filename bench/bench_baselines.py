@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from geoloc.countries import default_country_lookup
+from geoloc.artifacts import atomic_write_json, atomic_write_text
 from geoloc.data.images import SkipReport
 from geoloc.data.readers import load_reference_latlng, read_im2gps, read_yfcc4k
-from geoloc.evaluation import TABLE_HEADER, evaluate, table_row
-from geoloc.io import atomic_write_json, atomic_write_text
-from geoloc.predictors import ConstantPredictor, PriorPredictor
+from geoloc.evaluation.engine import TABLE_HEADER, evaluate, table_row
+from geoloc.geo.countries import default_country_lookup
+from geoloc.inference.baselines import ConstantPredictor, PriorPredictor
 
 HERE = Path(__file__).resolve().parent
 

@@ -18,7 +18,7 @@ Reported (bench/results/evidence.json and evidence.md):
   frequent class of the *training* folds' labels), the expected calibration error of the top-1
   probability (15 bins), and n (photos where the head has a label);
 * geolocation on the test fold: without reranking, with the evidence reranking at weight 1 for every
-  head, with the weights chosen on fold 3 (``python -m geoloc.evidence.tune``), and the model without
+  head, with the weights chosen on fold 3 (``python -m geoloc tune``), and the model without
   evidence heads, each with a bootstrap 95% interval of GeoScore;
 * faithfulness over every test photo: each claim of each chain re-derived from the network outputs
   (:func:`geoloc.evidence.verbalize.verify_chain`), and how often the top cell agrees with the evidence;
@@ -83,8 +83,8 @@ def _photos(ds) -> tuple[list, np.ndarray, list, np.ndarray]:
 
 def head_metrics(out: dict, labels, train_labels, heads: list[str]) -> dict:
     """Accuracy, majority baseline, ECE and n of each head on labelled photos."""
+    from geoloc.evaluation.metrics import expected_calibration_error
     from geoloc.evidence.labels import HEADS
-    from geoloc.metrics import expected_calibration_error
 
     rows = {}
     for h in heads:
@@ -124,7 +124,7 @@ def main() -> None:
 def report(out: Path, heads: list[str]) -> None:
     from geoloc.evidence.labels import dataset_evidence_labels, evidence_labels
     from geoloc.evidence.verbalize import verify_chain
-    from geoloc.predictors import ModelPredictor
+    from geoloc.inference.predictor import ModelPredictor
 
     ckpt = out / "runs" / "evidence" / "checkpoints" / "last.ckpt"
     plain = out / "runs" / "plain" / "checkpoints" / "last.ckpt"
@@ -132,7 +132,7 @@ def report(out: Path, heads: list[str]) -> None:
     # --- weights chosen on the validation fold
     wfile = out / "runs" / "evidence" / "evidence_weights_v1.json"
     if not wfile.is_file():
-        _run([PY, "-m", "geoloc.evidence.tune", f"ckpt={ckpt}", "data=im2gps3k", f"data.root={SHARED / 'im2gps3k-dev'}",
+        _run([PY, "-m", "geoloc", "tune", f"ckpt={ckpt}", "data=im2gps3k", f"data.root={SHARED / 'im2gps3k-dev'}",
               "data.folds=5", "data.fold=3", f"out={wfile}"], out / "tune.log")
     tuned = json.loads(wfile.read_text())
 
@@ -200,7 +200,7 @@ def report(out: Path, heads: list[str]) -> None:
                          "forward_ms_per_photo": round(1000 * forward_s / max(len(images), 1), 2)},
         "ocr": ocr, "cores": os.cpu_count(), "machine": platform.machine(),
     }
-    from geoloc.io import atomic_write_json, atomic_write_text
+    from geoloc.artifacts import atomic_write_json, atomic_write_text
 
     atomic_write_json(HERE / "results" / "evidence.json", result)
     md = _markdown(result, chains[0]["text"], keys[0])

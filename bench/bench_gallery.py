@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geoloc.artifacts import atomic_write_json
 from geoloc.data.geography import mp16_gallery_latlng
-from geoloc.gallery import GPSGallery
-from geoloc.io import atomic_write_json
 from geoloc.models.location_encoder import LocationEncoder
+from geoloc.retrieval.gallery import GPSGallery
 
 HERE = Path(__file__).resolve().parent
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geoloc.io import atomic_write_json, atomic_write_text
+from geoloc.artifacts import atomic_write_json, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -288,7 +288,7 @@ def answer_points(gc, latlng: np.ndarray, ids: np.ndarray) -> dict:
 def measure(name: str, latlng: np.ndarray, points_path: Path, settings: dict, workdir: Path,
             boundaries: str | None, timeout_s: float, sample: int) -> dict:
     """Build in a child, then load, assign and check containment in this process."""
-    from geoloc.cells import Geocells
+    from geoloc.geo.cells import Geocells
 
     out = workdir / f"{name}_geocells.parquet"
     print(f"[{name}] building {len(latlng):,} points with {settings} ...", flush=True)

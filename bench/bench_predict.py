@@ -51,8 +51,8 @@ def _fake_run(tmp: Path, backbone: str) -> tuple[Path, object]:
 
     from geocells.boundaries import load_boundaries
     from geocells.build import build_geocells, write_geocells
-    from geoloc.cells import Geocells
     from geoloc.data.readers import read_sample
+    from geoloc.geo.cells import Geocells
     from geoloc.models.geolocator import GeoLocator
 
     cells_gdf, _ = build_geocells(read_sample(split="train").latlng, load_boundaries(), min_points=25,
@@ -82,7 +82,7 @@ def main() -> None:
 
     from geoloc.data.images import decode_image
     from geoloc.data.readers import read_sample
-    from geoloc.predictors import ModelPredictor
+    from geoloc.inference.predictor import ModelPredictor
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_predict."))
     ckpt, cfg = _fake_run(tmp, args.backbone)
@@ -92,7 +92,7 @@ def main() -> None:
     predictors = {"none": ModelPredictor(str(ckpt), batch_size=args.batch)}
     x = torch.stack([predictors["none"].transform(decode_image(p)) for p in paths])
     try:
-        from geoloc.index import RetrievalIndex
+        from geoloc.retrieval.index import RetrievalIndex
 
         net = predictors["none"].net
         refs = read_sample(split="train")
@@ -156,7 +156,7 @@ def main() -> None:
         "machine": platform.machine(),
     }
     print(yaml.safe_dump(result, sort_keys=False))
-    from geoloc.io import atomic_write_json
+    from geoloc.artifacts import atomic_write_json
 
     atomic_write_json(HERE / "results" / "predict.json", result)
 

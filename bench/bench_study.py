@@ -18,7 +18,7 @@ is kept. Rows:
 * ``+ contrastive GPS encoder``: + image-GPS InfoNCE with a queue, GPS encoder started from GeoCLIP's
   released weights;
 * ``+ prototype refinement``: that model, top 10 cells reranked by location-cluster prototypes of the
-  training photos (``python -m geoloc.index``), answer = nearest training photo in the winning cluster;
+  training photos (``python -m geoloc index``), answer = nearest training photo in the winning cluster;
 * ``+ gallery``: prototypes and the 100K MP-16 GPS gallery together (``refine=both``);
 * ``gallery only`` for reference (``refine=gallery``).
 
@@ -83,7 +83,7 @@ def evaluate(out: Path, name: str, fold, args: list[str]) -> dict:
 
 def bootstrap(folder: Path, n: int = 1000, seed: int = 0) -> dict:
     """95% intervals of GeoScore and 2500 km accuracy over resampled test photos."""
-    from geoloc.metrics import geoscore
+    from geoloc.evaluation.metrics import geoscore
 
     d = pd.read_csv(folder / "predictions.csv")["distance_km"].to_numpy()
     idx = np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))
@@ -135,7 +135,7 @@ def main() -> None:
 
     index = out / "runs" / "contrastive" / "index_v1"
     if not (index / "meta.json").is_file():
-        _run([PY, "-m", "geoloc.index", f"ckpt={ckpt['contrastive']}", "data=im2gps3k",
+        _run([PY, "-m", "geoloc", "index", f"ckpt={ckpt['contrastive']}", "data=im2gps3k",
               f"data.root={SHARED / 'im2gps3k-dev'}", "data.folds=5", "data.fold=[0,1,2]", f"out={index}"],
              out / "index.log")
 
@@ -162,7 +162,7 @@ def main() -> None:
         ("+ gallery", "both", [*model, f"ckpt={ckpt['contrastive']}", "refine=both", *temps]),
         ("gallery only (reference)", "gallery", [*model, f"ckpt={ckpt['contrastive']}", "refine=gallery", *temps]),
     ]
-    from geoloc.evaluation import TABLE_HEADER, table_row
+    from geoloc.evaluation.engine import TABLE_HEADER, table_row
 
     results, table = {}, [TABLE_HEADER]
     for label, name, extra in rows:
@@ -184,7 +184,7 @@ def main() -> None:
         "val_median_km_per_epoch": {name: _val_curve(out / "runs" / name) for name in VARIANTS},
         "rows": results, "cores": os.cpu_count(), "machine": platform.machine(),
     }
-    from geoloc.io import atomic_write_json, atomic_write_text
+    from geoloc.artifacts import atomic_write_json, atomic_write_text
 
     atomic_write_json(HERE / "results" / "study.json", result)
     lines = ["# Real-data study: im2gps3k-dev, test fold (364 real photos)\n\n", *table, "\n",

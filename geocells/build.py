@@ -2,7 +2,7 @@
 
     python -m geocells.build points=train.csv out=cells.parquet [min_points=... max_points=... scheme=...]
 
-Schemes (one file format, one :class:`geoloc.cells.Geocells` reader):
+Schemes (one file format, one :class:`geoloc.geo.cells.Geocells` reader):
 
 * ``semantic`` (default): start from admin-1 regions (admin-0 where a country has none); regions with
   fewer than ``min_points`` photos merge into touching regions of the same country, or, with none,
@@ -26,7 +26,7 @@ Countries with no photos get no cell (their points assign to the nearest cell); 
 than ``min_points`` photos in all keeps its cell(s) below the bound, and the report lists it.
 
 **Answer point.** ``centroid_lat``/``centroid_lng`` is the point a model answers for a cell
-(:attr:`geoloc.cells.Geocells.centroids`: predictor, exported model, haversine label smoothing), so it
+(:attr:`geoloc.geo.cells.Geocells.centroids`: predictor, exported model, haversine label smoothing), so it
 must lie among the cell's photos: it is the photo-weighted medoid of the cell's H3 units (the unit with
 photos whose photo-weighted sum of great-circle distances to the cell's other units is smallest), then
 the member photo nearest to that unit's photo mean. It is thus a real photo location, on land where the
@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng, xyz_to_latlng
-from geoloc.h3index import H3Table, h3_centers, h3_neighbors, h3_resolution, latlng_to_h3
+from geoloc.geo.h3index import H3Table, h3_centers, h3_neighbors, h3_resolution, latlng_to_h3
 
 SCHEMES = ("semantic", "admin", "h3")
 
@@ -142,7 +142,7 @@ def _units(pts: np.ndarray, pts_xyz: np.ndarray, cov_cells: np.ndarray, cov_regi
     """Coverage cells plus refinement where one H3 cell holds more than ``max_points`` photos.
 
     Returns:
-        the units and, per point, its unit index (exactly what :class:`geoloc.cells.Geocells` assigns).
+        the units and, per point, its unit index (exactly what :class:`geoloc.geo.cells.Geocells` assigns).
     """
     import h3
 
@@ -809,8 +809,8 @@ def write_geocells(cells, path: str | Path, *, meta: dict) -> Path:
     """Writes a geocell GeoParquet atomically with build metadata in the file's schema."""
     import pyarrow.parquet as pq
 
-    from geoloc.cells import GEOCELLS_FORMAT_VERSION, METADATA_KEY
-    from geoloc.io import atomic_path
+    from geoloc.artifacts import atomic_path
+    from geoloc.geo.cells import GEOCELLS_FORMAT_VERSION, METADATA_KEY
 
     with atomic_path(path, suffix=".parquet") as tmp:
         cells.to_parquet(tmp, index=False)
@@ -826,8 +826,8 @@ def add_cell_evidence(cells, points: np.ndarray):
     classes (:data:`geoloc.evidence.labels.HEADS`, labels looked up from the coordinates), so the
     reasoning head's predictions can be compared with candidate cells. The scene head stays empty
     (it is not a property of a location)."""
-    from geoloc.cells import Geocells
     from geoloc.evidence.labels import cell_evidence_counts, evidence_labels
+    from geoloc.geo.cells import Geocells
 
     cell_of_point = Geocells(cells).assign(points)
     counts = cell_evidence_counts(evidence_labels(points), cell_of_point, len(cells))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import shapely
 
-from geoloc.h3index import h3_resolution
+from geoloc.geo.h3index import h3_resolution
 
 _WORLD = shapely.box(-180.0, -90.0, 180.0, 90.0)
 _EAST = shapely.box(180.0, -90.0, 540.0, 90.0)
@@ -46,7 +46,7 @@ def hex_polygons(cells: np.ndarray, link: bool = False) -> list:
 
 def cells_to_geometry(members: list[np.ndarray]) -> list:
     """One (multi)polygon per set of H3 cells (mixed resolutions allowed): their union."""
-    from geoloc.h3index import h3_centers
+    from geoloc.geo.h3index import h3_centers
 
     out = []
     for cells in members:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from geoloc.artifacts import atomic_path
 from geoloc.cli import user_errors
-from geoloc.io import atomic_path
 
 FIG_WIDTH_IN = 12.0
 """Figure width in inches; the height follows the bbox so a degree is square on the page."""
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")  # an entry point: never open a display
 
     from geocells.boundaries import load_boundaries
-    from geoloc.cells import Geocells
+    from geoloc.geo.cells import Geocells
 
     gc = Geocells.load(args.cells)
     if "geometry" not in gc.table.columns:

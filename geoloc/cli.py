@@ -1,10 +1,11 @@
 """Entry-point plumbing: a user's bad input or bad file ends in one clear line, never a Python traceback.
 
-Every command (``train.py``, ``evaluate.py``, ``python -m geoloc.*``, ``geocells.build``, ``geoloc-predict``)
-runs its body through :func:`user_errors`. Library code raises ordinary exceptions whose messages name the
-file, row or value and say what to do (``ValueError``, ``FileNotFoundError``, ...); here they become
-``PROG: error: MESSAGE`` on stderr and exit status 2. Anything else is a bug and keeps its traceback, and
-``GEOLOC_DEBUG=1`` shows the traceback of user errors too.
+Every command (``train.py``, ``evaluate.py``, ``python -m geoloc STEP``, ``geocells.build``,
+``geoloc-predict``) runs its body through :func:`user_errors`; the offline steps are Hydra apps started by
+:func:`run_step`. Library code raises ordinary exceptions whose messages name the file, row or value and
+say what to do (``ValueError``, ``FileNotFoundError``, ...); here they become ``PROG: error: MESSAGE`` on
+stderr and exit status 2. Anything else is a bug and keeps its traceback, and ``GEOLOC_DEBUG=1`` shows the
+traceback of user errors too.
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def user_message(exc: BaseException) -> str | None:
             return f"{exc.filename}: {exc.strerror or exc}"
         return str(exc)
     return None
+
+
+def run_step(config_name: str, fn: Callable, prog: str):
+    """Runs an offline step's body as a Hydra app on ``conf/{config_name}.yaml`` (``key=value`` overrides from
+    the command line), with :func:`user_errors`. Every step (``python -m geoloc STEP``) starts here."""
+    from pathlib import Path
+
+    import hydra
+
+    conf = Path(__file__).resolve().parents[1] / "conf"  # the repository's conf/ beside the package
+    return hydra.main(version_base="1.3", config_path=str(conf), config_name=config_name)(user_errors(prog)(fn))()
 
 
 def user_errors(prog: str) -> Callable:

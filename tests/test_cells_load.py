@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from geoloc.cells import Geocells
+from geoloc.geo.cells import Geocells
 
 NOT_GEOCELLS = "not a geocell file (GeoParquet written by python -m geocells.build)"
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from geoloc.countries import default_country_lookup
+from geoloc.geo.countries import default_country_lookup
 
 
 def test_known_points_and_sea():
@@ -13,7 +13,7 @@ def test_known_points_and_sea():
 def test_admin_lookup_countries_and_regions():
     import numpy as np
 
-    from geoloc.countries import default_admin_lookup
+    from geoloc.geo.countries import default_admin_lookup
 
     country, admin1 = default_admin_lookup().lookup(np.array([
         [48.8566, 2.3522],     # Paris

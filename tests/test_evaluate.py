@@ -13,8 +13,8 @@ from PIL import Image
 
 import evaluate as evaluate_cli  # noqa: E402  (the repo root is on sys.path under pytest)
 from geoloc.data.readers import read_im2gps
-from geoloc.evaluation import evaluate
-from geoloc.predictors import ConstantPredictor, PriorPredictor, geodesic_medoid, summed_distance_km
+from geoloc.evaluation.engine import evaluate
+from geoloc.inference.baselines import ConstantPredictor, PriorPredictor, geodesic_medoid, summed_distance_km
 
 from .conftest import REPO
 from .test_geo import vincenty_sphere_km
@@ -172,7 +172,7 @@ def test_model_predictor_on_coordinates_only_is_a_clear_error(tmp_path):
 
 def test_topk_columns_written(tmp_path):
     ds, rows = make_bench(tmp_path, n=6)
-    from geoloc.predictors import Prediction
+    from geoloc.inference.base import Prediction
 
     class TopK(ConstantPredictor):
         def predict(self, images, keys):
@@ -189,7 +189,7 @@ def test_topk_columns_written(tmp_path):
 @pytest.mark.parametrize("predictor", ["constant", "prior"])
 def test_every_config_composes(data, predictor):
     cfg = compose_eval(f"data={data}", f"predictor={predictor}", "++data.root=/x", "++data.path=/x", "++data.dir=/x")
-    assert cfg.predictor._target_.startswith("geoloc.predictors.")
+    assert cfg.predictor._target_.startswith("geoloc.inference.")
     assert cfg.data.dataset._target_.startswith("geoloc.data.")
     assert cfg.output_dir.endswith(f"{cfg.data.name}/{predictor}")
 
@@ -221,10 +221,10 @@ def test_image_independence_of_baselines(tmp_path):
 def test_model_evaluation_cell_metrics_plots_and_resume(tiny_run, tmp_path):
     """A cell-ranking predictor gets per-row cell columns, admin-1 accuracy, ECE, Recall-vs-Area and
     the figures; a killed and resumed run scores exactly like a clean one."""
-    from geoloc.countries import default_admin_lookup
     from geoloc.data.readers import read_sample
-    from geoloc.metrics import cell_ranking, expected_calibration_error
-    from geoloc.predictors import ModelPredictor
+    from geoloc.evaluation.metrics import cell_ranking, expected_calibration_error
+    from geoloc.geo.countries import default_admin_lookup
+    from geoloc.inference.predictor import ModelPredictor
 
     ds = read_sample(tiny_run["sample"], split="test", n_images=240)
     pred = ModelPredictor(str(tiny_run["ckpt"]), topk=3)

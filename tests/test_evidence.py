@@ -117,7 +117,7 @@ def test_cell_evidence_counts_golden():
 def test_geocells_carry_their_members_evidence(tmp_path):
     from geocells.boundaries import load_boundaries
     from geocells.build import add_cell_evidence, build_geocells, write_geocells
-    from geoloc.cells import Geocells
+    from geoloc.geo.cells import Geocells
 
     rng = np.random.default_rng(0)
     sahara = np.column_stack([rng.uniform(20, 27, 60), rng.uniform(5, 25, 60)])

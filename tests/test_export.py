@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from geoloc.export import build_exported, export, script
+from geoloc.inference.export import build_exported, export, script
 
 from .conftest import REPO
 
@@ -40,7 +40,7 @@ def test_preprocessing_matches_the_python_predictor(tiny_run):
     ranked cells agree with ModelPredictor on the same photos."""
     from geoloc.data.images import SkipReport
     from geoloc.data.readers import read_sample
-    from geoloc.predictors import ModelPredictor
+    from geoloc.inference.predictor import ModelPredictor
 
     module, _ = build_exported(tiny_run["ckpt"], topk=3)
     pred = ModelPredictor(str(tiny_run["ckpt"]), topk=3)
@@ -81,8 +81,8 @@ def test_loads_in_a_process_that_never_imports_geoloc(exported, tmp_path):
 
 def test_prototypes_rerank_like_the_predictor(tiny_run, tmp_path):
     from geoloc.data.readers import read_sample
-    from geoloc.index import RetrievalIndex
-    from geoloc.predictors import ModelPredictor
+    from geoloc.inference.predictor import ModelPredictor
+    from geoloc.retrieval.index import RetrievalIndex
 
     base = ModelPredictor(str(tiny_run["ckpt"]))
     index, _ = RetrievalIndex.build(base.net, read_sample(tiny_run["sample"], split="train", n_images=240),
@@ -111,7 +111,7 @@ def test_prototypes_rerank_like_the_predictor(tiny_run, tmp_path):
 
 def test_cli(tiny_run, tmp_path):
     out = tmp_path / "m.pt"
-    r = subprocess.run([sys.executable, "-m", "geoloc.export", f"ckpt={tiny_run['ckpt']}", f"out={out}", "topk=2"],
+    r = subprocess.run([sys.executable, "-m", "geoloc", "export", f"ckpt={tiny_run['ckpt']}", f"out={out}", "topk=2"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wrote" in r.stdout and out.is_file()

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from geoloc.gallery import GPSGallery, encoder_fingerprint
 from geoloc.models.location_encoder import LocationEncoder
+from geoloc.retrieval.gallery import GPSGallery, encoder_fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 from geocells import build as build_module
 from geocells.build import SCHEMES, _main, build_geocells, read_points, write_geocells
-from geoloc.cells import Geocells
-from geoloc.h3index import h3_centers, h3_resolution, latlng_to_h3
+from geoloc.geo.cells import Geocells
+from geoloc.geo.h3index import h3_centers, h3_resolution, latlng_to_h3
 
 from .conftest import REPO
 from .test_geocells_points import answer_is_member_photo

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 
 from geocells.build import _answer_points, _medoid_units, _Units, build_geocells
-from geoloc.cells import Geocells
 from geoloc.geo import haversine_matrix_km, latlng_to_xyz
-from geoloc.h3index import h3_centers, latlng_to_h3
+from geoloc.geo.cells import Geocells
+from geoloc.geo.h3index import h3_centers, latlng_to_h3
 
 MIN, MAX = 50, 600
 

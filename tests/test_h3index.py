@@ -2,7 +2,15 @@ import h3
 import numpy as np
 import pytest
 
-from geoloc.h3index import H3Table, h3_center_child, h3_centers, h3_neighbors, h3_parent, h3_resolution, latlng_to_h3
+from geoloc.geo.h3index import (
+    H3Table,
+    h3_center_child,
+    h3_centers,
+    h3_neighbors,
+    h3_parent,
+    h3_resolution,
+    latlng_to_h3,
+)
 
 
 def _ref(cells):

@@ -10,7 +10,7 @@ import torch
 
 from geoloc.data.readers import read_sample
 from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz
-from geoloc.index import (
+from geoloc.retrieval.index import (
     INDEX_FORMAT_VERSION,
     Clustering,
     RetrievalIndex,
@@ -195,7 +195,7 @@ def test_search_is_exact_top_k():
 def test_save_load_round_trip_and_refusals(tmp_path):
     index, *_ = _index(np.random.default_rng(4))
     net = torch.nn.Linear(3, 2)
-    from geoloc.gallery import encoder_fingerprint
+    from geoloc.retrieval.gallery import encoder_fingerprint
 
     index.meta["fingerprint"] = encoder_fingerprint(net)
     folder = index.save(tmp_path / f"index_v{INDEX_FORMAT_VERSION}")
@@ -238,8 +238,8 @@ def test_inconsistent_arrays_are_refused_naming_the_file(tmp_path):
 
 
 def test_build_from_a_run_skips_bad_photos_and_refuses_other_weights(tiny_run, tmp_path):
-    from geoloc.lightning.datamodule import eval_transform
     from geoloc.models.loading import load_checkpoint
+    from geoloc.training.datamodule import eval_transform
 
     model = load_checkpoint(tiny_run["ckpt"])
     refs = read_sample(tiny_run["sample"], split="train", n_images=240)
@@ -264,7 +264,7 @@ def test_build_from_a_run_skips_bad_photos_and_refuses_other_weights(tiny_run, t
 def test_cli(tiny_run, tmp_path):
     assert default_index_dir(tiny_run["ckpt"]) == tiny_run["run"] / "index_v1"  # out=null writes there
     folder = tmp_path / "index_v1"  # (not into the shared run: other tests expect it without an index)
-    r = subprocess.run([sys.executable, "-m", "geoloc.index", f"ckpt={tiny_run['ckpt']}", "data=sample",
+    r = subprocess.run([sys.executable, "-m", "geoloc", "index", f"ckpt={tiny_run['ckpt']}", "data=sample",
                         f"data.root={tiny_run['sample']}", "data.n_images=240", "data.split=train",
                         "embedding=image_emb", f"out={folder}"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

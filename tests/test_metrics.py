@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from geoloc.metrics import (
+from geoloc.evaluation.metrics import (
     METRIC_KEYS,
     country_accuracy,
     distance_metrics,
@@ -57,7 +57,7 @@ def test_country_accuracy_counts_only_known():
 
 
 def test_cell_ranking_area_to_cover_golden():
-    from geoloc.metrics import cell_ranking
+    from geoloc.evaluation.metrics import cell_ranking
 
     prob = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])
     area = np.array([10.0, 100.0, 1000.0])
@@ -68,7 +68,7 @@ def test_cell_ranking_area_to_cover_golden():
 
 
 def test_recall_vs_area_and_auc():
-    from geoloc.metrics import EARTH_AREA_KM2, recall_area_auc, recall_vs_area
+    from geoloc.evaluation.metrics import EARTH_AREA_KM2, recall_area_auc, recall_vs_area
 
     grid, recall = recall_vs_area(np.array([10.0, 1000.0, 1e6, 1e6]), areas_km2=[1, 10, 999, 1000, 1e7])
     assert recall.tolist() == [0.0, 0.25, 0.25, 0.5, 1.0]
@@ -78,7 +78,7 @@ def test_recall_vs_area_and_auc():
 
 
 def test_expected_calibration_error_golden():
-    from geoloc.metrics import expected_calibration_error
+    from geoloc.evaluation.metrics import expected_calibration_error
 
     # bins of width 0.5: [0.2, 0.4] -> conf 0.3, acc 0.5; [0.9, 1.0] -> conf 0.95, acc 0.5
     out = expected_calibration_error([0.2, 0.4, 0.9, 1.0], [1, 0, 1, 0], n_bins=2)

@@ -8,7 +8,7 @@ from importlib.metadata import entry_points
 import numpy as np
 
 from geoloc.data.readers import read_sample
-from geoloc.predict_cli import main
+from geoloc.inference.cli import main
 
 from .test_images import _jpeg_with_gps
 
@@ -57,9 +57,9 @@ def test_json_output_and_exif_is_never_used(tiny_run, tmp_path, capsys):
 
 
 def test_console_script_is_declared_and_runs(tiny_run):
-    assert any(ep.name == "geoloc-predict" and ep.value == "geoloc.predict_cli:main"
+    assert any(ep.name == "geoloc-predict" and ep.value == "geoloc.inference.cli:main"
                for ep in entry_points(group="console_scripts"))
-    r = subprocess.run([sys.executable, "-m", "geoloc.predict_cli", "x.jpg", "--model", "nope.ckpt"],
+    r = subprocess.run([sys.executable, "-m", "geoloc.inference.cli", "x.jpg", "--model", "nope.ckpt"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "nope.ckpt: no such checkpoint" in r.stderr
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from geoloc.predictors import ModelPredictor, _log_softmax_masked
+from geoloc.inference.predictor import ModelPredictor, _log_softmax_masked
 
 
 def test_log_softmax_masked_golden():
@@ -123,7 +123,7 @@ def test_missing_index_falls_back_or_fails_clearly(tiny_run, tmp_path):
 def test_prototype_refinement_end_to_end_with_a_built_index(tiny_run, tmp_path):
     from geoloc.data.images import SkipReport
     from geoloc.data.readers import read_sample
-    from geoloc.index import RetrievalIndex
+    from geoloc.retrieval.index import RetrievalIndex
 
     base = ModelPredictor(str(tiny_run["ckpt"]))
     refs = read_sample(tiny_run["sample"], split="train", n_images=240)
@@ -248,7 +248,7 @@ def test_evidence_weights_are_chosen_on_validation_photos(tiny_evidence_run, tmp
     assert res["weights"]["hemisphere"] > 0 and res["geoscore"] > res["geoscore_without"] + 1000
     assert set(res["weights"]) == set(EVIDENCE_HEADS)
     wfile = tmp_path / "w.json"
-    r = subprocess.run([sys.executable, "-m", "geoloc.evidence.tune", f"ckpt={ckpt}", "data=sample",
+    r = subprocess.run([sys.executable, "-m", "geoloc", "tune", f"ckpt={ckpt}", "data=sample",
                         f"data.root={tiny_evidence_run['sample']}", "data.n_images=240", f"out={wfile}",
                         "grid=[0,1]"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]

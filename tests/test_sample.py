@@ -226,8 +226,7 @@ def test_bad_arguments():
 @pytest.mark.slow  # two fresh interpreters each load the land mask (~3 s)
 def test_concurrent_processes_and_cli(tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "geoloc.data.sample", "--out", str(out), "--n-images", "30", "--seed", "4"]
-    cmd += ["--image-size", "32"]
+    cmd = [sys.executable, "-m", "geoloc", "sample", f"out={out}", "n_images=30", "seed=4", "image_size=32"]
     procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]

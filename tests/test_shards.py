@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from geoloc.artifacts import to_jsonable
 from geoloc.data.images import SkipReport, decode_image
 from geoloc.data.readers import GeoDataset, read_im2gps, read_latlng_csv
 from geoloc.data.shards import ShardDataset, make_webdataset, safe_key, write_shards
-from geoloc.io import to_jsonable
 from tests.conftest import REPO
 
 N_GOOD = 12
@@ -367,7 +367,7 @@ def test_command_end_to_end(tmp_path):
     work = tmp_path / "cwd"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "geoloc.shards", "data=csv", f"data.path={csv}", "out=shards", "split=test",
+    cmd = [sys.executable, "-m", "geoloc", "shards", "data=csv", f"data.path={csv}", "out=shards", "split=test",
            "max_count=5"]
     run = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
@@ -419,7 +419,7 @@ def test_the_same_image_in_two_shard_folders_is_refused(tmp_path, photos, shard_
         raise AssertionError(f"{path}: scanned although the journal records it")
 
     # the journals give the ids: no tar is opened before the refusal
-    monkeypatch.setattr("geoloc.data.shards._scan_keys", no_scan)
+    monkeypatch.setattr("geoloc.data.shards.reader._scan_keys", no_scan)
     skipped = SkipReport()
     items = ShardDataset(both, decode=False).iter_items(skipped)
     with pytest.raises(ValueError, match=expected):

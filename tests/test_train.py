@@ -63,7 +63,7 @@ def test_configs_instantiate(extra, tmp_path):
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     assert trainer is not None
-    assert cfg.data.datamodule._target_ == "geoloc.lightning.datamodule.GeoDataModule"
+    assert cfg.data.datamodule._target_ == "geoloc.training.datamodule.GeoDataModule"
 
 
 def test_fast_dev_run(sample, tmp_path):
@@ -102,8 +102,8 @@ def test_resume_continues_exactly(sample, tmp_path):
     assert torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
 
     # the checkpoint scores with evaluate's engine through the model predictor, agreeing with validation
-    from geoloc.evaluation import evaluate
-    from geoloc.predictors import ModelPredictor
+    from geoloc.evaluation.engine import evaluate
+    from geoloc.inference.predictor import ModelPredictor
 
     ckpt = tmp_path / "full" / "checkpoints" / "last.ckpt"
     assert (tmp_path / "full" / "checkpoints" / "best.ckpt").is_file()
@@ -134,8 +134,8 @@ def test_ddp_two_cpu_processes_see_disjoint_shards(sample, tmp_path):
 
 
 def test_unreadable_photos_are_dropped_from_batches(sample, tmp_path):
-    from geoloc.cells import Geocells
-    from geoloc.lightning.datamodule import Collate
+    from geoloc.geo.cells import Geocells
+    from geoloc.training.datamodule import Collate
 
     _, cells = sample
     collate = Collate(Geocells.load(cells))
@@ -182,8 +182,8 @@ def test_evidence_heads_train_jointly_and_reload(sample, tmp_path):
 
 
 def test_collate_carries_evidence_labels(sample):
-    from geoloc.cells import Geocells
-    from geoloc.lightning.datamodule import Collate
+    from geoloc.geo.cells import Geocells
+    from geoloc.training.datamodule import Collate
 
     _, cells = sample
     collate = Collate(Geocells.load(cells), ("land", "hemisphere"))
@@ -201,9 +201,9 @@ def test_scene_labels_reach_the_batch_from_tables_and_shards(sample, tmp_path):
     import numpy as np
     import pandas as pd
 
-    from geoloc.cells import Geocells
     from geoloc.data.shards import make_webdataset, write_shards
-    from geoloc.lightning.datamodule import Collate, _Photos
+    from geoloc.geo.cells import Geocells
+    from geoloc.training.datamodule import Collate, _Photos
 
     folder, cells = sample
     ds = read_sample(folder, split="train", n_images=240)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from geoloc.predict_cli import main as predict_main
+from geoloc.inference.cli import main as predict_main
 
 from .conftest import REPO, TINY_TRAIN
 
@@ -140,7 +140,7 @@ def test_training_again_into_a_finished_run_changes_no_checkpoint(tiny_run, tmp_
 def _reordered_cells(tiny_run, tmp_path: Path) -> Path:
     """The same cells in another order: what silently mislabelled answers before fingerprints."""
     from geocells.build import write_geocells
-    from geoloc.cells import Geocells
+    from geoloc.geo.cells import Geocells
 
     cells = Geocells.load(tiny_run["cells"])
     t = cells.table.iloc[::-1].reset_index(drop=True)
@@ -149,7 +149,7 @@ def _reordered_cells(tiny_run, tmp_path: Path) -> Path:
 
 
 def test_a_failed_resume_leaves_the_run_loadable(tiny_run, tmp_path):
-    from geoloc.predictors import ModelPredictor
+    from geoloc.inference.predictor import ModelPredictor
     from train import train
 
     run = _copy_run(tiny_run, tmp_path)
@@ -188,9 +188,9 @@ def test_resume_writes_the_config_only_once_training_starts(tiny_run, tmp_path):
 
 
 def test_a_checkpoint_refuses_the_same_cells_in_another_order(tiny_run, tmp_path):
-    from geoloc.export import export
-    from geoloc.exported import ExportedPredictor
-    from geoloc.predictors import ModelPredictor
+    from geoloc.inference.export import export
+    from geoloc.inference.exported import ExportedPredictor
+    from geoloc.inference.predictor import ModelPredictor
 
     other = _reordered_cells(tiny_run, tmp_path)
     ckpt = tiny_run["ckpt"]
@@ -294,12 +294,12 @@ def test_predict_with_a_corrupted_gallery_cache(tiny_run, tmp_path, capsys):
     (run / "gallery_v1.npz").write_bytes(b"PK\x03\x04 damaged")
     with pytest.warns(UserWarning, match="gallery_v1.npz: not a readable gallery cache.*rebuilding"):
         assert predict_main([_photo(tiny_run), "--model", ckpt, "--refine", "gallery", "--json"]) == 0
-    from geoloc.gallery import GPSGallery
+    from geoloc.retrieval.gallery import GPSGallery
 
     assert len(GPSGallery.load(run / "gallery_v1.npz")) > 0  # the run's own cache was rebuilt in place
     named = tmp_path / "mine.npz"
     named.write_bytes(b"garbage")
-    from geoloc.predictors import ModelPredictor
+    from geoloc.inference.predictor import ModelPredictor
 
     with pytest.raises(ValueError, match="mine.npz: not a readable gallery cache"):
         ModelPredictor(ckpt, refine="gallery", gallery=str(named))
@@ -308,7 +308,7 @@ def test_predict_with_a_corrupted_gallery_cache(tiny_run, tmp_path, capsys):
 def test_predict_accepts_an_exported_model_even_inside_a_run_folder(tiny_evidence_run, tmp_path, capsys):
     import json
 
-    from geoloc.export import export
+    from geoloc.inference.export import export
 
     run = _copy_run(tiny_evidence_run, tmp_path)
     path, _ = export(run / "checkpoints" / "last.ckpt", run / "checkpoints" / "model.pt", topk=3)
@@ -331,7 +331,7 @@ def test_predict_accepts_an_exported_model_even_inside_a_run_folder(tiny_evidenc
 
 
 def test_predict_text_output_of_an_exported_model(tiny_run, tmp_path, capsys):
-    from geoloc.export import export
+    from geoloc.inference.export import export
 
     path, _ = export(tiny_run["ckpt"], tmp_path / "m.pt", topk=3)
     assert predict_main([_photo(tiny_run), str(tmp_path), "--model", str(path)]) == 1
@@ -350,8 +350,8 @@ def test_predict_topk_must_be_positive(tiny_run, capsys):
 
 
 def test_predict_decodes_one_batch_at_a_time(tiny_run, tmp_path, monkeypatch):
-    import geoloc.predict_cli as cli
-    from geoloc.predictors import ModelPredictor
+    import geoloc.inference.cli as cli
+    from geoloc.inference.predictor import ModelPredictor
 
     photo = _photo(tiny_run)
     predictor = ModelPredictor(str(tiny_run["ckpt"]))
@@ -400,7 +400,7 @@ def test_skip_details_are_the_same_in_every_run():
 
 
 def test_a_model_predictor_without_a_checkpoint_says_so():
-    from geoloc.predictors import ModelPredictor
+    from geoloc.inference.predictor import ModelPredictor
 
     with pytest.raises(ValueError, match="no checkpoint given: set ckpt="):
         ModelPredictor(None)
@@ -408,8 +408,8 @@ def test_a_model_predictor_without_a_checkpoint_says_so():
 
 def test_evaluate_refuses_rows_it_cannot_attribute(tmp_path):
     from geoloc.data.readers import read_sample
-    from geoloc.evaluation import run_predictions
-    from geoloc.predictors import ConstantPredictor
+    from geoloc.evaluation.engine import run_predictions
+    from geoloc.inference.baselines import ConstantPredictor
 
     ds = read_sample(split="test")
     pred = ConstantPredictor(ds.latlng)

@@ -8,7 +8,7 @@ import pytest
 from geoloc.evidence.labels import HEADS
 from geoloc.evidence.ocr import script_evidence, text_script
 from geoloc.evidence.verbalize import HEAD_TITLES, STAGES, explain, verify_chain
-from geoloc.predictors import ModelPredictor
+from geoloc.inference.predictor import ModelPredictor
 
 
 def _photos(run, n):

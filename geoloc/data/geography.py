@@ -23,8 +23,8 @@ import zipfile
 
 import numpy as np
 
+from geoloc.data.packages import package_path
 from geoloc.geo import invalid_latlng
-from geoloc.io import package_path
 
 __all__ = [
     "KOPPEN_GROUPS",

@@ -17,12 +17,11 @@ Layout written by :func:`generate_sample` (Im2GPS3k-style CSV)::
 Usage::
 
     root = ensure_sample()            # cached under $GEOLOC_CACHE (default ~/.cache/geoloc)
-    python -m geoloc.data.sample --out DIR --n-images 3000 --seed 0 --image-size 64
+    python -m geoloc sample --out DIR --n-images 3000 --seed 0 --image-size 64
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import errno
 import io
@@ -30,7 +29,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,7 +42,6 @@ __all__ = [
     "default_sample_root",
     "ensure_sample",
     "generate_sample",
-    "main",
     "render_scenes",
 ]
 
@@ -548,7 +545,7 @@ sample.csv columns:
   is_land  True/False from global_land_mask (most lakes count as land)
 
 Regenerate with:
-  python -m geoloc.data.sample --out DIR --n-images {n_images} --seed {seed} --image-size {image_size}
+  python -m geoloc sample --out DIR --n-images {n_images} --seed {seed} --image-size {image_size}
 """
 
 
@@ -713,30 +710,3 @@ def ensure_sample(
             f"{root} exists but is not a geoloc sample with {expected} (its meta.json is missing or differs); "
             "delete it or pass another root."
         ) from exc
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m geoloc.data.sample --out DIR --n-images N --seed S --image-size P``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m geoloc.data.sample", description="Write the synthetic geotagged sample image set."
-    )
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the $GEOLOC_CACHE entry)")
-    parser.add_argument("--n-images", type=int, default=3000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=64, help="square image side, pixels")
-    args = parser.parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        _check_args(args.n_images, args.seed, args.image_size)
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        root = ensure_sample(args.out, n_images=args.n_images, seed=args.seed, image_size=args.image_size)
-    except (FileExistsError, ModuleNotFoundError) as exc:
-        parser.exit(1, f"error: {exc}\n")
-    print(f"sample of {args.n_images} synthetic images at {root} ({time.perf_counter() - t0:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from geoloc.io import atomic_path, package_path
+from geoloc.artifacts import atomic_path
+from geoloc.data.packages import package_path
 
 TABLE_VERSION = 1
 #: Script groups (ISO 15924 codes folded together where one writing system is meant).

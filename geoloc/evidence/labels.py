@@ -43,10 +43,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from geoloc.artifacts import atomic_path
 from geoloc.evidence.country_tables import SCRIPTS, country_table
 from geoloc.evidence.landcover import IGBP_CLASSES, land_cover
 from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
-from geoloc.io import atomic_path
 
 EVIDENCE_VERSION = 3  # 2: + land_cover; 3: + driving_side, script
 KOPPEN_CLASSES: tuple[str, ...] = (
@@ -130,8 +130,8 @@ def evidence_labels(latlng, *, scene=None) -> pd.DataFrame:
     Returns:
         DataFrame with one ``int16`` column per head of :data:`HEADS`, ``-1`` where masked.
     """
-    from geoloc.countries import default_admin_lookup
     from geoloc.data.geography import is_land, koppen, koppen_group
+    from geoloc.geo.countries import default_admin_lookup
 
     latlng = validate_latlng(latlng, what="evidence labels")
     n = len(latlng)

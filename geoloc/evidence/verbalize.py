@@ -138,11 +138,11 @@ def explain(out: dict, pred, cells, *, ocr: list[dict | None] | None = None, ref
     """One reasoning chain per photo.
 
     Args:
-        out: the network outputs of :meth:`geoloc.predictors.ModelPredictor.forward`: ``cell_prob (B, C)`` and
+        out: the network outputs of :meth:`geoloc.inference.predictor.ModelPredictor.forward`: ``cell_prob (B, C)`` and
             ``evidence/<head> (B, K)`` probabilities.
-        pred: the predictor's :class:`~geoloc.predictors.Prediction` for the same photos (``latlng``,
+        pred: the predictor's :class:`~geoloc.inference.base.Prediction` for the same photos (``latlng``,
             ``topk_cells``, ``topk_prob``).
-        cells: the :class:`~geoloc.cells.Geocells` the model classifies into.
+        cells: the :class:`~geoloc.geo.cells.Geocells` the model classifies into.
         ocr: per photo, :func:`geoloc.evidence.ocr.text_evidence`'s result (None: not run or no text).
         refine: how the cell and coordinate were chosen (named in the chain).
 

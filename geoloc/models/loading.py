@@ -11,7 +11,7 @@ it says. The checkpoint is read with ``torch.load(weights_only=True)``; ``config
 call any ``_target_``, e.g. ``builtins.open`` or ``pandas.read_pickle``): each node must name one of
 geoloc's own model classes (:data:`RUN_TARGETS`) and hold only plain settings, which are checked and
 passed to that class directly. The checkpoint also records the fingerprint of its cells
-(:meth:`geoloc.cells.Geocells.fingerprint`), so another cells file (or the same cells in another
+(:meth:`geoloc.geo.cells.Geocells.fingerprint`), so another cells file (or the same cells in another
 order, which would silently give wrong region names) is refused.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from geoloc.cells import Geocells
+from geoloc.geo.cells import Geocells
 from geoloc.models.geolocator import GeoLocator
 
 #: The classes a run's ``config.yaml`` may build, per config node. Nothing else is ever called.
@@ -78,7 +78,7 @@ def resolve_run_path(path: str | Path, run_dir: Path) -> Path:
 
 
 def is_torchscript(path: str | Path) -> bool:
-    """Whether ``path`` is a TorchScript archive (what ``python -m geoloc.export`` writes)."""
+    """Whether ``path`` is a TorchScript archive (what ``python -m geoloc export`` writes)."""
     try:
         with zipfile.ZipFile(path) as z:
             return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in z.namelist())
@@ -119,7 +119,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path}: is empty (0 bytes), not a checkpoint; use another checkpoint of the run "
                          "(e.g. best.ckpt) or train again")
     if is_torchscript(path):
-        raise ValueError(f"{path}: is an exported TorchScript model (python -m geoloc.export), not a train.py "
+        raise ValueError(f"{path}: is an exported TorchScript model (python -m geoloc export), not a train.py "
                          "checkpoint; geoloc-predict --model accepts it as it is")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

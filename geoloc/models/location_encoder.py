@@ -241,7 +241,7 @@ def geoclip_weights_path() -> Path:
         ModuleNotFoundError: ``geoclip`` is not installed.
         FileNotFoundError: it is installed but lacks the file.
     """
-    from geoloc.io import package_path
+    from geoloc.data.packages import package_path
 
     return package_path("geoclip", "model", "weights", "location_encoder_weights.pth",
                         purpose="GeoCLIP's location-encoder weights (or pass path= to a .pth file)")

@@ -1,8 +1,8 @@
 """Write a dataset as webdataset shards (the offline step training reads from).
 
-    python -m geoloc.shards data=im2gps3k data.root=DIR out=OUT split=test
-    python -m geoloc.shards data=csv data.path=photos.csv out=OUT      # a plain path,lat,lng CSV
-    python -m geoloc.shards data=sample out=OUT                        # the embedded synthetic sample
+    python -m geoloc shards data=im2gps3k data.root=DIR out=OUT split=test
+    python -m geoloc shards data=csv data.path=photos.csv out=OUT      # a plain path,lat,lng CSV
+    python -m geoloc shards data=sample out=OUT                        # the embedded synthetic sample
 
 Writes OUT/{split}-000000.tar, ... and OUT/{split}-manifest.json (see :mod:`geoloc.data.shards`). Rerun
 the same command to continue a killed run; ``resume=false`` writes the split afresh.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from geoloc.cli import user_errors
+from geoloc.cli import run_step
 from geoloc.data.shards import write_shards
 
 
@@ -44,11 +44,9 @@ def main(cfg: DictConfig) -> dict:
     return manifest
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="shards")
-@user_errors("geoloc.shards")
-def _entry(cfg: DictConfig) -> None:
-    main(cfg)
+def run():
+    return run_step("shards", main, "geoloc shards")
 
 
 if __name__ == "__main__":
-    _entry()
+    run()

@@ -6,7 +6,7 @@ Outputs in ``output_dir``:
   ``top{k}_lng``, ``top{k}_prob`` when the predictor ranks alternatives, + ``true_cell``, ``cell_top1``,
   ``cell_top1_prob`` (the classifier's own top cell and probability, before any refinement),
   ``true_cell_rank``, ``area_to_cover_km2`` when it gives a probability to every geocell:
-  see :func:`geoloc.metrics.cell_ranking`), appended and fsynced batch by batch, so a killed run
+  see :func:`geoloc.evaluation.metrics.cell_ranking`), appended and fsynced batch by batch, so a killed run
   resumes where it stopped;
 * ``skipped.csv``: ``IMG_ID,reason,detail`` for each photo that could not be used;
 * ``explanations.jsonl`` (predictors with ``explain`` on): one reasoning chain per photo,
@@ -18,7 +18,7 @@ Outputs in ``output_dir``:
   ``recall_area_auc``, ``median_area_to_cover_km2``, ``recall_at_area``, and what was run on what;
 * ``results.md``: the standard table and the extra figures;
 * ``error_cdf.png``, ``error_map.png`` and, for cell-ranking predictors, ``reliability.png`` and
-  ``recall_area.png`` (:mod:`geoloc.plots`).
+  ``recall_area.png`` (:mod:`geoloc.evaluation.plots`).
 
 ``metrics.json`` and ``results.md`` are written atomically at the end from the whole
 ``predictions.csv``, so they always describe every row done, resumed or not.
@@ -39,11 +39,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from geoloc.artifacts import atomic_write_json, atomic_write_text
 from geoloc.data.images import SkipReport
 from geoloc.data.readers import Item, ItemSource
-from geoloc.geo import haversine_km
-from geoloc.io import atomic_write_json, atomic_write_text
-from geoloc.metrics import (
+from geoloc.evaluation.metrics import (
     THRESHOLDS_KM,
     admin1_accuracy,
     cell_ranking,
@@ -53,7 +52,8 @@ from geoloc.metrics import (
     recall_area_auc,
     recall_vs_area,
 )
-from geoloc.predictors import Prediction, Predictor
+from geoloc.geo import haversine_km
+from geoloc.inference.base import Prediction, Predictor
 
 BASE_COLUMNS = ["IMG_ID", "true_lat", "true_lng", "pred_lat", "pred_lng", "distance_km"]
 SKIP_COLUMNS = ["IMG_ID", "reason", "detail"]
@@ -221,7 +221,7 @@ def score(output_dir: str | Path, *, country_of: Callable[[np.ndarray], np.ndarr
         country_of: maps ``(N, 2)`` latlng to ``(N,)`` country codes (``""`` unknown); adds
             ``acc_country`` and ``n_country``.
         admin_of: an object whose ``lookup(latlng)`` gives ``(country, admin1)`` codes
-            (:class:`geoloc.countries.AdminLookup`); adds country and ``acc_admin1``/``n_admin1``.
+            (:class:`geoloc.geo.countries.AdminLookup`); adds country and ``acc_admin1``/``n_admin1``.
     """
     out = Path(output_dir)
     pred_path = out / "predictions.csv"
@@ -327,7 +327,7 @@ def evaluate(source: ItemSource, predictor: Predictor, output_dir: str | Path, *
     metrics["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     metrics["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
     if plots and metrics["n"]:
-        from geoloc.plots import evaluation_plots
+        from geoloc.evaluation.plots import evaluation_plots
 
         metrics["figures"] = [p.name for p in evaluation_plots(out, metrics)]
     atomic_write_json(out / "metrics.json", metrics)

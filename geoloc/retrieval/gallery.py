@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geoloc.artifacts import atomic_write_bytes
 from geoloc.geo import validate_latlng
-from geoloc.io import atomic_write_bytes
 
 GALLERY_FORMAT_VERSION = 1
 

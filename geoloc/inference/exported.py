@@ -1,8 +1,8 @@
-"""Predicting with an exported TorchScript model (``python -m geoloc.export``), as with a checkpoint.
+"""Predicting with an exported TorchScript model (``python -m geoloc export``), as with a checkpoint.
 
 The exported file carries everything an answer needs: preprocessing, network, cell centroids and, in
 ``geoloc.json``, the cells' names, their fingerprint and (for models with evidence heads) each cell's
-evidence counts. :class:`ExportedPredictor` gives it the :class:`~geoloc.predictors.Predictor` interface,
+evidence counts. :class:`ExportedPredictor` gives it the :class:`~geoloc.inference.predictor.Predictor` interface,
 so ``geoloc-predict --model model.pt`` (with ``--explain``) works on it as on a ``train.py`` checkpoint.
 
 An exported file is TorchScript, which is code: load only files you trust (the README's "Trust and
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from geoloc.predictors import Prediction
+from geoloc.inference.base import Prediction
 
 
 class ExportedCells:
@@ -49,18 +49,18 @@ def read_exported(path: str | Path, *, device: str = "cpu") -> tuple[torch.jit.S
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a TorchScript file written by ``python -m geoloc.export`` (or a newer format).
+        ValueError: not a TorchScript file written by ``python -m geoloc export`` (or a newer format).
     """
-    from geoloc.export import EXPORT_FORMAT_VERSION
+    from geoloc.inference.export import EXPORT_FORMAT_VERSION
     from geoloc.models.loading import is_torchscript, resolve_device
 
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path}: is a folder; give the exported model file (python -m geoloc.export out=...)")
+        raise ValueError(f"{path}: is a folder; give the exported model file (python -m geoloc export out=...)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
     if not is_torchscript(path):
-        raise ValueError(f"{path}: not an exported TorchScript model (python -m geoloc.export writes one)")
+        raise ValueError(f"{path}: not an exported TorchScript model (python -m geoloc export writes one)")
     extra = {"geoloc.json": ""}
     try:
         with warnings.catch_warnings():
@@ -71,14 +71,14 @@ def read_exported(path: str | Path, *, device: str = "cpu") -> tuple[torch.jit.S
     except Exception as e:  # noqa: BLE001 - torch raises many kinds on damaged archives
         raise ValueError(f"{path}: cannot be loaded as an exported model ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); export it again with "
-                         "python -m geoloc.export") from e
+                         "python -m geoloc export") from e
     try:
         meta = json.loads(extra["geoloc.json"] or "null")
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: its geoloc.json is not JSON ({e}); export it again") from e
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: a TorchScript file without geoloc.json, so not exported by geoloc; "
-                         "export the checkpoint with python -m geoloc.export")
+                         "export the checkpoint with python -m geoloc export")
     if int(meta.get("format_version", 0)) > EXPORT_FORMAT_VERSION:
         raise ValueError(f"{path}: export format {meta['format_version']} is newer than this geoloc reads "
                          f"({EXPORT_FORMAT_VERSION})")
@@ -86,7 +86,7 @@ def read_exported(path: str | Path, *, device: str = "cpu") -> tuple[torch.jit.S
 
 
 class ExportedPredictor:
-    """An exported model behind the :class:`~geoloc.predictors.Predictor` interface.
+    """An exported model behind the :class:`~geoloc.inference.predictor.Predictor` interface.
 
     Args:
         path: the exported ``.pt`` file.
@@ -124,7 +124,7 @@ class ExportedPredictor:
         centroids = self.model.centroids.detach().cpu().numpy().astype(np.float64)
         stored = self.meta.get("cells_fingerprint")
         if cells is not None:
-            from geoloc.cells import Geocells
+            from geoloc.geo.cells import Geocells
 
             g = Geocells.load(cells)
             if len(g) != len(centroids) or (stored is not None and g.fingerprint() != stored):

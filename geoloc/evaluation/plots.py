@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geoloc.io import atomic_path
-from geoloc.metrics import THRESHOLDS_KM, recall_vs_area
+from geoloc.artifacts import atomic_path
+from geoloc.evaluation.metrics import THRESHOLDS_KM, recall_vs_area
 
 
 def _figure(width: float = 7.0, height: float = 4.5):
@@ -65,7 +65,7 @@ def _country_outlines(boundaries: str | None):
     """Country borders (admin-1 regions dissolved by country), read and dissolved once per process."""
     import geopandas as gpd
 
-    from geoloc.countries import admin_boundaries_path
+    from geoloc.geo.countries import admin_boundaries_path
 
     gdf = gpd.read_parquet(boundaries or admin_boundaries_path())
     return (gdf.dissolve("adm0_a3") if "adm0_a3" in gdf.columns else gdf).boundary
@@ -111,7 +111,7 @@ def error_map(predictions: pd.DataFrame, path: str | Path, *, n_lines: int = 300
 
 
 def reliability_diagram(bins: list[dict], ece: float, path: str | Path, title: str = "") -> Path:
-    """Accuracy against mean confidence per bin (from :func:`geoloc.metrics.expected_calibration_error`)."""
+    """Accuracy against mean confidence per bin (from :func:`geoloc.evaluation.metrics.expected_calibration_error`)."""
     plt, fig, ax = _figure(5.0, 4.5)
     lo = np.array([b["lo"] for b in bins])
     width = np.array([b["hi"] - b["lo"] for b in bins])

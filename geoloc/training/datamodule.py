@@ -19,9 +19,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from geoloc.cells import Geocells
 from geoloc.data.images import ImageError, decode_image
 from geoloc.data.readers import GeoDataset
+from geoloc.geo.cells import Geocells
 
 
 def train_transform(data_config: dict, scale: tuple[float, float] = (0.5, 1.0)):

@@ -1,13 +1,13 @@
 """Retrieval index: reference photos embedded once, clustered by location inside each geocell.
 
-    python -m geoloc.index ckpt=RUN/checkpoints/best.ckpt data=shards data.dir=SHARDS data.split=train
-    python -m geoloc.index ckpt=... data=sample data.split=train
-    python -m geoloc.index ckpt=... data=im2gps3k data.root=DIR data.folds=5 data.fold=[0,1,2]
+    python -m geoloc index ckpt=RUN/checkpoints/best.ckpt data=shards data.dir=SHARDS data.split=train
+    python -m geoloc index ckpt=... data=sample data.split=train
+    python -m geoloc index ckpt=... data=im2gps3k data.root=DIR data.folds=5 data.fold=[0,1,2]
 
 PIGEON refines a geocell prediction with the training photos: inside each candidate cell it clusters
 the photos' locations, represents each cluster by the mean embedding of its photos (a prototype), picks
 the cluster whose prototype is most similar to the query, and answers a location inside it. This module
-builds that index; :class:`geoloc.predictors.ModelPredictor` uses it (``refine=prototypes``): it ranks
+builds that index; :class:`geoloc.inference.predictor.ModelPredictor` uses it (``refine=prototypes``): it ranks
 the top cells with :meth:`RetrievalIndex.score_cells` and answers the coordinate of the most similar
 reference photo of the winning cluster (:meth:`RetrievalIndex.nearest_in_cluster`; PIGEON's released
 code takes the *least* similar one there, which we do not copy).
@@ -56,7 +56,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,11 +63,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geoloc.cells import Geocells
+from geoloc.artifacts import _umask, to_jsonable
 from geoloc.data.images import SkipReport
-from geoloc.gallery import _normalize, encoder_fingerprint, top_k_inner
 from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
-from geoloc.io import _umask, to_jsonable
+from geoloc.geo.cells import Geocells
+from geoloc.retrieval.gallery import _normalize, encoder_fingerprint, top_k_inner
 
 INDEX_FORMAT_VERSION = 1
 EMBEDDINGS = ("features", "image_emb")
@@ -479,7 +478,7 @@ class RetrievalIndex:
         """Reads an index folder.
 
         Args:
-            folder: written by :meth:`save` (``python -m geoloc.index``).
+            folder: written by :meth:`save` (``python -m geoloc index``).
             net: if given, an index built with other weights is refused.
             mmap: map the reference embeddings instead of reading them (the largest array; refinement
                 touches only the members of the winning clusters). ``refs.faiss`` is read on first use.
@@ -491,24 +490,24 @@ class RetrievalIndex:
         folder = Path(folder)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{folder}: not a retrieval index (no meta.json; python -m geoloc.index "
+            raise FileNotFoundError(f"{folder}: not a retrieval index (no meta.json; python -m geoloc index "
                                     "builds one)")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{meta_path}: not JSON ({e}); the index is damaged: rebuild it with python -m "
-                             "geoloc.index") from e
+                             "geoloc.retrieval.index") from e
         if not isinstance(meta, dict) or meta.get("format_version") != INDEX_FORMAT_VERSION:
             meta = meta if isinstance(meta, dict) else {}
             raise ValueError(f"{meta_path}: index format {meta.get('format_version')}, this geoloc reads "
-                             f"{INDEX_FORMAT_VERSION}; rebuild it with python -m geoloc.index")
+                             f"{INDEX_FORMAT_VERSION}; rebuild it with python -m geoloc index")
         if net is not None and meta.get("fingerprint") != encoder_fingerprint(net):
             raise ValueError(f"{folder}: built with other network weights (fingerprint {meta.get('fingerprint')}, "
                              f"the network's is {encoder_fingerprint(net)}); rebuild it for this checkpoint")
         for name in ("index.npz", "ref_emb.npy"):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name}: missing from the index folder; rebuild it with "
-                                        "python -m geoloc.index")
+                                        "python -m geoloc index")
         try:
             with np.load(folder / "index.npz", allow_pickle=False) as z:
                 missing = [k for k in _ARRAYS if k != "ref_emb" and k not in z.files]
@@ -518,7 +517,7 @@ class RetrievalIndex:
             arrays["ref_emb"] = np.load(folder / "ref_emb.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
         except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
             raise ValueError(f"{folder}: an index file cannot be read ({type(e).__name__}: {e}); the index is "
-                             "damaged: rebuild it with python -m geoloc.index") from e
+                             "damaged: rebuild it with python -m geoloc index") from e
         index = cls(**arrays, meta=meta, source=str(folder))
         index._faiss_path = folder / "refs.faiss"
         return index
@@ -617,48 +616,3 @@ class RetrievalIndex:
         latlng = np.full((len(q), 2), np.nan)
         latlng[idx >= 0] = self.ref_latlng[idx[idx >= 0]]
         return latlng, idx
-
-
-def summary(index: RetrievalIndex, skipped: SkipReport, out: Path, seconds: float) -> str:
-    """What a run built, in a few lines."""
-    m = index.meta
-    lines = [f"indexed {m['n_references']} reference photos of {m['source']} ({m['embedding']} embeddings): "
-             f"{m['n_clusters']} location clusters in {m['n_cells_with_references']} of {m['n_cells']} cells "
-             f"({m['clustering']['method']}), {seconds:.1f} s",
-             f"skipped {len(skipped)}" + (": " + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.counts.items()))
-                                          if len(skipped) else "")]
-    lines += [f"  {k}: {r}" + (f" ({d})" if d else "") for k, r, d in skipped.items[:5]]
-    lines.append(f"index: {out}")
-    return "\n".join(lines)
-
-
-def main(cfg) -> RetrievalIndex:
-    """``python -m geoloc.index``: embeds ``data.dataset`` with the checkpoint and writes the index."""
-    import logging
-
-    import hydra
-
-    from geoloc.lightning.datamodule import eval_transform
-    from geoloc.models.loading import load_checkpoint
-
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads is not news
-    started = time.perf_counter()
-    model = load_checkpoint(cfg.ckpt, cells=cfg.cells, device=cfg.device)
-    source = hydra.utils.instantiate(cfg.data.dataset)
-    clustering = hydra.utils.instantiate(cfg.cluster)
-    index, skipped = RetrievalIndex.build(model.net, source, model.cells, eval_transform(model.data_config),
-                                          embedding=cfg.embedding, batch_size=cfg.batch_size, clustering=clustering,
-                                          device=cfg.device, progress=cfg.progress)
-    index.meta["ckpt"] = str(Path(cfg.ckpt).resolve())
-    out = Path(cfg.out) if cfg.out else default_index_dir(cfg.ckpt)
-    index.save(out)
-    print(summary(index, skipped, out, time.perf_counter() - started))
-    return index
-
-
-if __name__ == "__main__":
-    import hydra as _hydra
-
-    from geoloc.cli import user_errors
-
-    _hydra.main(version_base="1.3", config_path="../conf", config_name="index")(user_errors("geoloc.index")(main))()

@@ -1,6 +1,6 @@
 """Export a trained geolocator as one TorchScript file that others embed without geoloc.
 
-    python -m geoloc.export ckpt=RUN/checkpoints/best.ckpt out=model.pt [topk=5] [prototypes=true index=DIR]
+    python -m geoloc export ckpt=RUN/checkpoints/best.ckpt out=model.pt [topk=5] [prototypes=true index=DIR]
 
 Using it needs only torch::
 
@@ -15,14 +15,14 @@ with evidence heads, ``evidence/<head>`` (B, K) their class probabilities (class
 The file holds the preprocessing (timm's evaluation transform in tensor ops: resize the short side to
 ``input_size / crop_pct``, centre crop, scale, normalize), the image encoder, the cell head and the
 cell centroids; with ``prototypes=true`` also the location-cluster prototypes of an index
-(:mod:`geoloc.index`), which rerank the top cells as ``refine=prototypes`` does and answer the
+(:mod:`geoloc.retrieval.index`), which rerank the top cells as ``refine=prototypes`` does and answer the
 representative coordinate of the best cluster (the exported file carries no per-photo references, so
 it cannot return the nearest reference photo as the Python predictor does). ``geoloc.json`` inside the
 file (``torch.jit.load(path, _extra_files={"geoloc.json": ""})``) describes inputs, outputs and each
-cell's country and region names, the fingerprint of the cells (:meth:`geoloc.cells.Geocells.fingerprint`)
+cell's country and region names, the fingerprint of the cells (:meth:`geoloc.geo.cells.Geocells.fingerprint`)
 and, for a model with evidence heads, each cell's evidence counts, so that ``geoloc-predict --model model.pt
 --explain`` can check the reasoning chain without the cells file
-(:class:`geoloc.exported.ExportedPredictor`).
+(:class:`geoloc.inference.exported.ExportedPredictor`).
 
 An exported file is TorchScript: code, by nature. Load only files you trust (see the README's "Trust and
 safety").
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from geoloc.io import atomic_path
+from geoloc.artifacts import atomic_path
 
 EXPORT_FORMAT_VERSION = 1
 #: Cell attributes carried in ``geoloc.json`` (names for answers, continents for the reasoning chain).
@@ -153,7 +153,7 @@ def build_exported(ckpt: str | Path, *, topk: int = 5, prototypes: bool = False,
     model = load_checkpoint(ckpt)
     protos = None
     if prototypes:
-        from geoloc.index import RetrievalIndex, default_index_dir
+        from geoloc.retrieval.index import RetrievalIndex, default_index_dir
 
         idx = RetrievalIndex.load(index or default_index_dir(ckpt), net=model.net)
         if idx.meta.get("embedding", "features") != "features":
@@ -214,28 +214,3 @@ def export(ckpt: str | Path, out: str | Path, **kwargs) -> tuple[Path, dict]:
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 marks torch.jit deprecated; see script()
         torch.jit.save(scripted, str(tmp), _extra_files={"geoloc.json": json.dumps(meta)})
     return Path(out), meta
-
-
-def main(cfg) -> Path:
-    """``python -m geoloc.export``."""
-    import warnings
-
-    path, meta = export(cfg.ckpt, cfg.out, topk=cfg.topk, prototypes=cfg.prototypes, index=cfg.index,
-                        candidates=cfg.candidates, temperature=cfg.temperature)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        m = torch.jit.load(str(path))
-    h, w = meta["preprocess"]["input_size"][1:]
-    out = m(torch.randint(0, 256, (2, 3, h + 17, w + 5), dtype=torch.uint8))
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {meta['backbone']}, {meta['num_cells']} cells"
-          f"{', prototypes' if meta['prototypes'] else ''}; check: latlng {tuple(out['latlng'].shape)}, "
-          f"topk_cells {tuple(out['topk_cells'].shape)}")
-    return path
-
-
-if __name__ == "__main__":
-    import hydra as _hydra
-
-    from geoloc.cli import user_errors
-
-    _hydra.main(version_base="1.3", config_path="../conf", config_name="export")(user_errors("geoloc.export")(main))()

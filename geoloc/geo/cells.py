@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
-from geoloc.h3index import H3Table, h3_centers
+from geoloc.geo.h3index import H3Table, h3_centers
 
 GEOCELLS_FORMAT_VERSION = 1
 METADATA_KEY = b"geoloc.geocells"

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import shapely
 
+from geoloc.data.packages import package_path
 from geoloc.geo import validate_latlng
-from geoloc.io import package_path
 
 
 def default_boundaries_path() -> Path:

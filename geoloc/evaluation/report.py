@@ -1,6 +1,6 @@
 """Combine evaluation runs into one standard table.
 
-    python -m geoloc.report OUT_A OUT_B ... --out results.md
+    python -m geoloc report OUT_A OUT_B ... --out results.md
 
 Each OUT is a folder written by ``evaluate.py`` (it reads ``OUT/metrics.json``).
 """
@@ -11,9 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
+from geoloc.artifacts import atomic_write_text
 from geoloc.cli import user_errors
-from geoloc.evaluation import TABLE_HEADER, table_row
-from geoloc.io import atomic_write_text
+from geoloc.evaluation.engine import TABLE_HEADER, table_row
 
 
 def combined_table(run_dirs: list[str | Path]) -> str:
@@ -44,7 +44,7 @@ def combined_table(run_dirs: list[str | Path]) -> str:
     return "".join(parts)
 
 
-@user_errors("geoloc.report")
+@user_errors("geoloc.evaluation.report")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("runs", nargs="+", help="evaluate.py output folders")

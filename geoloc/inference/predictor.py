@@ -1,169 +1,14 @@
-"""Predictors: anything that turns a batch of photos into coordinates.
-
-:mod:`evaluate` only needs the :class:`Predictor` protocol. The baselines here give the benchmark
-table a floor before any model exists:
-
-* :class:`ConstantPredictor` always answers the medoid of the training coordinates (the training
-  location with the smallest summed great-circle distance to all others).
-* :class:`PriorPredictor` answers a random training location, i.e. a sample from the training density.
-  The draw is seeded per image id, so a resumed run gives the same answers.
-"""
+"""The trained geolocator as a predictor, with retrieval refinement inside its top cells."""
 
 from __future__ import annotations
 
-import hashlib
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
-from geoloc.geo import EARTH_RADIUS_KM, haversine_km, latlng_to_xyz, validate_latlng
-
-
-@dataclass
-class Prediction:
-    """A batch of answers.
-
-    Attributes:
-        latlng: ``(B, 2)`` predicted ``[lat, lng]`` in degrees.
-        topk_latlng: optional ``(B, K, 2)`` ranked alternatives (e.g. top cells' centres).
-        topk_prob: optional ``(B, K)`` their probabilities.
-        topk_cells: optional ``(B, K)`` int64 geocell ids of the alternatives (models only).
-        cell_prob: optional ``(B, C)`` float32 probability of every geocell (the classifier's softmax), for
-            the cell-level metrics (Recall-vs-Area, calibration); the predictor's ``cells`` says which cells.
-        explanations: optional, one reasoning chain per photo (:func:`geoloc.evidence.verbalize.explain`).
-    """
-
-    latlng: np.ndarray
-    topk_latlng: np.ndarray | None = None
-    topk_prob: np.ndarray | None = None
-    topk_cells: np.ndarray | None = None
-    cell_prob: np.ndarray | None = None
-    explanations: list[dict] | None = None
-
-
-class Predictor(Protocol):
-    """What :mod:`evaluate` calls.
-
-    Attributes:
-        name: short name used in reports.
-        needs_images: False for predictors that ignore the photo (baselines); they can then run on
-            coordinate-only benchmark files.
-    """
-
-    name: str
-    needs_images: bool
-
-    def predict(self, images: list[Image.Image | None], keys: list[str]) -> Prediction: ...
-
-    def describe(self) -> dict: ...
-
-
-def summed_distance_km(candidates: np.ndarray, points: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """Sum of great-circle distances from each candidate to all points.
-
-    Args:
-        candidates: ``(C, 2)`` ``[lat, lng]`` degrees.
-        points: ``(N, 2)`` ``[lat, lng]`` degrees.
-        chunk: candidates per block (bounds memory at ``chunk * N`` floats).
-
-    Returns:
-        ``(C,)`` sums in km.
-    """
-    p = latlng_to_xyz(points)  # (N, 3)
-    out = np.empty(len(candidates))
-    for s in range(0, len(candidates), chunk):
-        c = latlng_to_xyz(candidates[s:s + chunk])  # (c, 3)
-        # chord length -> central angle: stable for small distances, unlike arccos of a dot product
-        chord = np.sqrt(np.clip(2.0 - 2.0 * (c @ p.T), 0.0, 4.0))  # (c, N)
-        out[s:s + chunk] = (2.0 * EARTH_RADIUS_KM * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))).sum(axis=1)
-    return out
-
-
-def geodesic_medoid(latlng: np.ndarray, *, max_candidates: int = 1024, refine: int = 512,
-                    seed: int = 0) -> np.ndarray:
-    """The training location with the smallest summed great-circle distance to all training locations.
-
-    Exact when ``N <= max_candidates``. Otherwise the search runs in two steps, both scored against all
-    N points: a seeded random subset of ``max_candidates`` locations, then the ``refine`` locations
-    nearest to the best of those (the medoid lies where the data are dense, so it is among them in
-    practice).
-
-    Args:
-        latlng: ``(N, 2)`` ``[lat, lng]`` degrees.
-
-    Returns:
-        ``(2,)`` ``[lat, lng]`` of the medoid.
-    """
-    latlng = validate_latlng(latlng, what="reference coordinates")
-    if len(latlng) == 0:
-        raise ValueError("reference coordinates are empty: the constant baseline needs training locations")
-    if len(latlng) <= max_candidates:
-        return latlng[int(np.argmin(summed_distance_km(latlng, latlng)))]
-    rng = np.random.default_rng(seed)
-    cand = latlng[rng.choice(len(latlng), size=max_candidates, replace=False)]
-    best = cand[int(np.argmin(summed_distance_km(cand, latlng)))]
-    near = latlng[np.argsort(haversine_km(latlng, best[None, :]), kind="stable")[:refine]]
-    return near[int(np.argmin(summed_distance_km(near, latlng)))]
-
-
-class ConstantPredictor:
-    """Always predicts the geodesic medoid of the training coordinates.
-
-    Args:
-        reference_latlng: ``(N, 2)`` training coordinates.
-        name: report name.
-    """
-
-    needs_images = False
-
-    def __init__(self, reference_latlng, *, name: str = "constant", seed: int = 0):
-        self.name = name
-        self.n_reference = len(reference_latlng)
-        self.medoid = geodesic_medoid(np.asarray(reference_latlng), seed=seed)
-
-    def predict(self, images, keys) -> Prediction:
-        return Prediction(np.repeat(self.medoid[None, :], len(keys), axis=0))
-
-    def describe(self) -> dict:
-        return {"name": self.name, "kind": "constant", "n_reference": self.n_reference,
-                "medoid_latlng": [float(v) for v in self.medoid]}
-
-
-def _key_seeds(keys: list[str], seed: int) -> np.ndarray:
-    """A 64-bit seed per image id, stable across processes (unlike ``hash``)."""
-    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "little")
-                     for k in keys], dtype=np.uint64)
-
-
-class PriorPredictor:
-    """Predicts a training location drawn at random: the training density as a guess.
-
-    Args:
-        reference_latlng: ``(N, 2)`` training coordinates.
-        seed: the draw for an image depends only on ``seed`` and its id.
-        name: report name.
-    """
-
-    needs_images = False
-
-    def __init__(self, reference_latlng, *, seed: int = 0, name: str = "prior"):
-        self.name = name
-        self.seed = seed
-        self.reference = validate_latlng(np.asarray(reference_latlng), what="reference coordinates")
-        if len(self.reference) == 0:
-            raise ValueError("reference coordinates are empty: the prior baseline needs training locations")
-
-    def predict(self, images, keys) -> Prediction:
-        idx = _key_seeds(keys, self.seed) % np.uint64(len(self.reference))
-        return Prediction(self.reference[idx.astype(np.int64)])
-
-    def describe(self) -> dict:
-        return {"name": self.name, "kind": "prior", "n_reference": len(self.reference), "seed": self.seed}
-
+from geoloc.inference.base import Prediction
 
 REFINE_CHOICES = ("none", "prototypes", "gallery", "both", "evidence", "prototypes+evidence", "gallery+evidence",
                   "both+evidence")
@@ -209,11 +54,11 @@ class ModelPredictor:
 
     * ``refine="none"``: the most probable cell's centroid (its answer point, a training photo's location).
     * ``"prototypes"``: each candidate cell is scored by its best location-cluster prototype (cosine
-      similarity to the image embedding, :mod:`geoloc.index`); the fused score is
+      similarity to the image embedding, :mod:`geoloc.retrieval.index`); the fused score is
       ``w_cells * log p(cell) + w_prototypes * log softmax(score / T)`` over the candidates; the answer is
       the coordinate of the *nearest* (most similar) reference image in the winning cell's best cluster.
     * ``"gallery"``: each candidate cell is scored by its best GPS-gallery point (GeoCLIP: cosine
-      similarity between the image's projection and the cached location embeddings, :mod:`geoloc.gallery`),
+      similarity between the image's projection and the cached location embeddings, :mod:`geoloc.retrieval.gallery`),
       fused the same way; the answer is that gallery point. ``gallery_restrict=False`` instead answers
       the best gallery point anywhere (GeoCLIP's own prediction).
     * ``"both"``: both terms in the fusion; the coordinate comes from the prototypes (the gallery point
@@ -231,7 +76,7 @@ class ModelPredictor:
         ckpt: a Lightning checkpoint written by ``train.py`` (``RUN/checkpoints/*.ckpt``).
         cells: the geocells file; None uses the one the run was trained with.
         refine: ``none``, ``prototypes``, ``gallery`` or ``both``.
-        index: the index folder (``python -m geoloc.index``); None: ``RUN/index_v1`` when it exists.
+        index: the index folder (``python -m geoloc index``); None: ``RUN/index_v1`` when it exists.
         gallery: the GPS-gallery cache (``.npz``); None: ``RUN/gallery_v1.npz``, built from
             ``gallery_source`` with the run's location encoder on first use and cached.
         gallery_source: coordinates of the gallery when it has to be built (``mp16_gallery``: the 100K
@@ -245,7 +90,7 @@ class ModelPredictor:
         gallery_temperature: ``T`` of the gallery scores.
         weights: fusion weights ``{"cells", "prototypes", "gallery"}``.
         evidence_weights: per evidence head, its weight in the evidence reranking, or the path of a file
-            written by ``python -m geoloc.evidence.tune`` (weights chosen on validation photos); None: 1
+            written by ``python -m geoloc tune`` (weights chosen on validation photos); None: 1
             for every head the model has.
         batch_size: photos per forward pass.
         device: ``cpu`` or ``cuda``.
@@ -268,8 +113,8 @@ class ModelPredictor:
                  compile: bool = False, explain: bool = False, ocr: bool = False, name: str = "model"):
         import torch
 
-        from geoloc.lightning.datamodule import eval_transform
         from geoloc.models.loading import load_checkpoint
+        from geoloc.training.datamodule import eval_transform
 
         parts = _refine_parts(refine)
         for what, v in (("topk", topk), ("candidates", candidates), ("batch_size", batch_size)):
@@ -340,20 +185,20 @@ class ModelPredictor:
         self.evidence = {h: (float(w), self._cell_evidence[h]) for h, w in weights.items() if float(w) > 0}
 
     def _load_index(self, index: str | None):
-        from geoloc.index import RetrievalIndex, default_index_dir
+        from geoloc.retrieval.index import RetrievalIndex, default_index_dir
 
         folder = Path(index) if index else default_index_dir(self.ckpt)
         if not folder.exists():
             if index:
-                raise FileNotFoundError(f"{folder}: no retrieval index (python -m geoloc.index ckpt=... builds one)")
-            warnings.warn(f"refine asks for prototypes but {folder} does not exist (python -m geoloc.index "
+                raise FileNotFoundError(f"{folder}: no retrieval index (python -m geoloc index ckpt=... builds one)")
+            warnings.warn(f"refine asks for prototypes but {folder} does not exist (python -m geoloc index "
                           f"ckpt={self.ckpt} builds it): falling back to cell centroids", stacklevel=3)
             return None
         self.index_path = folder
         return RetrievalIndex.load(folder, net=self.net)
 
     def _load_gallery(self, gallery: str | None, source: str):
-        from geoloc.gallery import GPSGallery
+        from geoloc.retrieval.gallery import GPSGallery
 
         path = Path(gallery) if gallery else self.ckpt.parent.parent / "gallery_v1.npz"
         enc = self.net.location_encoder

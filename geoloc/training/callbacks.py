@@ -42,7 +42,7 @@ class RunConfigWriter(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            from geoloc.io import atomic_write_text
+            from geoloc.artifacts import atomic_write_text
 
             atomic_write_text(self.path, self.text)
 
@@ -85,7 +85,7 @@ class SkipRecorder(pl.Callback):
             counts[reason] = counts.get(reason, 0) + 1
         self.counts = dict(sorted(counts.items()))
         if trainer.is_global_zero and merged:
-            from geoloc.io import atomic_write_text
+            from geoloc.artifacts import atomic_write_text
 
             rows = "".join(f"{_csv(k)},{_csv(r)},{s}\n" for (s, k), r in sorted(merged.items()))
             atomic_write_text(self.out_dir / "skipped.csv", "IMG_ID,reason,split\n" + rows)

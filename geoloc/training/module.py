@@ -20,9 +20,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from geoloc.evaluation.metrics import distance_metrics
 from geoloc.geo import haversine_km
 from geoloc.losses import GPSContrastiveLoss, GPSQueue, HaversineSmoothingLoss, gather_latlng
-from geoloc.metrics import distance_metrics
 from geoloc.models.geolocator import GeoLocator
 
 
@@ -52,7 +52,7 @@ class GeoLocModule(pl.LightningModule):
         warmup_steps: linear warmup before the cosine decay (which spans the whole run).
         evidence_weights: ``{head: w}``: cross-entropy of each evidence head of the model against the
             batch's ``evidence/<head>`` labels (masked labels, -1, left out), weighted into the loss.
-        cells_fingerprint: :meth:`geoloc.cells.Geocells.fingerprint` of the cells the head classifies into;
+        cells_fingerprint: :meth:`geoloc.geo.cells.Geocells.fingerprint` of the cells the head classifies into;
             saved in every checkpoint (``checkpoint["geoloc"]``) so that loading refuses other cells.
     """
 

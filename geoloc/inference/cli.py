@@ -4,7 +4,7 @@
     geoloc-predict photos/*.jpg --model ... --json                      # one JSON object per photo
     geoloc-predict photo.jpg --model ... --refine prototypes --topk 3
     geoloc-predict photo.jpg --model ... --explain [--ocr]               # the reasoning chain too
-    geoloc-predict photo.jpg --model model.pt [--explain]               # an exported model (geoloc.export)
+    geoloc-predict photo.jpg --model model.pt [--explain]               # an exported model (geoloc.inference.export)
 
 Prints the predicted location, the top geocells with their country, region and probability, and the
 GPS position in the photo's EXIF when there is one, with its distance from the prediction. The EXIF
@@ -29,7 +29,7 @@ import numpy as np
 from geoloc.cli import USER_ERRORS, user_message
 from geoloc.data.images import ImageError, decode_image, read_exif_latlng
 from geoloc.geo import haversine_km
-from geoloc.predictors import REFINE_CHOICES
+from geoloc.inference.predictor import REFINE_CHOICES
 
 
 def _fmt_latlng(lat: float, lng: float) -> str:
@@ -93,12 +93,12 @@ def load_predictor(model: str, *, cells: str | None = None, refine: str = "none"
 
     if Path(model).is_file() and is_torchscript(model):
         if refine != "none" or index is not None:
-            raise ValueError(f"{model}: an exported model refines as it was exported (python -m geoloc.export "
+            raise ValueError(f"{model}: an exported model refines as it was exported (python -m geoloc export "
                              "prototypes=true); --refine and --index apply to train.py checkpoints")
-        from geoloc.exported import ExportedPredictor
+        from geoloc.inference.exported import ExportedPredictor
 
         return ExportedPredictor(model, cells=cells, topk=topk, device=device, explain=explain, ocr=ocr)
-    from geoloc.predictors import ModelPredictor
+    from geoloc.inference.predictor import ModelPredictor
 
     return ModelPredictor(model, cells=cells, refine=refine, index=index, topk=topk or 5, device=device,
                           explain=explain, ocr=ocr and explain)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--model", required=True, help="a checkpoint written by train.py (RUN/checkpoints/*.ckpt) "
-                        "or a model exported by python -m geoloc.export (model.pt)")
+                        "or a model exported by python -m geoloc export (model.pt)")
     parser.add_argument("--topk", type=_positive_int, default=None,
                         help="ranked cells to show (default 5; an exported model: as many as it returns)")
     parser.add_argument("--refine", default="none", choices=list(REFINE_CHOICES))

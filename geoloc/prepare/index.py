@@ -1,0 +1,62 @@
+"""Retrieval index of reference photos for a checkpoint (refine=prototypes reads it).
+
+    python -m geoloc index ckpt=RUN/checkpoints/best.ckpt data=shards data.dir=SHARDS data.split=train
+    python -m geoloc index ckpt=... data=sample data.split=train
+    python -m geoloc index ckpt=... data=im2gps3k data.root=DIR data.folds=5 data.fold=[0,1,2]
+
+Writes ``RUN/index_v1/`` (or ``out=DIR``); see :mod:`geoloc.retrieval.index` for the contents.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from geoloc.cli import run_step
+from geoloc.data.images import SkipReport
+from geoloc.retrieval.index import RetrievalIndex, default_index_dir
+
+
+def summary(index: RetrievalIndex, skipped: SkipReport, out: Path, seconds: float) -> str:
+    """What a run built, in a few lines."""
+    m = index.meta
+    lines = [f"indexed {m['n_references']} reference photos of {m['source']} ({m['embedding']} embeddings): "
+             f"{m['n_clusters']} location clusters in {m['n_cells_with_references']} of {m['n_cells']} cells "
+             f"({m['clustering']['method']}), {seconds:.1f} s",
+             f"skipped {len(skipped)}" + (": " + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.counts.items()))
+                                          if len(skipped) else "")]
+    lines += [f"  {k}: {r}" + (f" ({d})" if d else "") for k, r, d in skipped.items[:5]]
+    lines.append(f"index: {out}")
+    return "\n".join(lines)
+
+
+def main(cfg) -> RetrievalIndex:
+    """Embeds ``data.dataset`` with the checkpoint and writes the index."""
+    import logging
+
+    import hydra
+
+    from geoloc.models.loading import load_checkpoint
+    from geoloc.training.datamodule import eval_transform
+
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads is not news
+    started = time.perf_counter()
+    model = load_checkpoint(cfg.ckpt, cells=cfg.cells, device=cfg.device)
+    source = hydra.utils.instantiate(cfg.data.dataset)
+    clustering = hydra.utils.instantiate(cfg.cluster)
+    index, skipped = RetrievalIndex.build(model.net, source, model.cells, eval_transform(model.data_config),
+                                          embedding=cfg.embedding, batch_size=cfg.batch_size, clustering=clustering,
+                                          device=cfg.device, progress=cfg.progress)
+    index.meta["ckpt"] = str(Path(cfg.ckpt).resolve())
+    out = Path(cfg.out) if cfg.out else default_index_dir(cfg.ckpt)
+    index.save(out)
+    print(summary(index, skipped, out, time.perf_counter() - started))
+    return index
+
+
+def run():
+    return run_step("index", main, "geoloc index")
+
+
+if __name__ == "__main__":
+    run()
