@@ -68,8 +68,9 @@ def main() -> None:
     from geocells.build import build_geocells, write_geocells
     from geoloc.data.readers import read_sample
     from geoloc.data.shards import make_webdataset, write_shards
+    from geoloc.data.transforms import train_transform
     from geoloc.geo.cells import Geocells
-    from geoloc.training.datamodule import Collate, train_transform
+    from geoloc.training.datamodule import Collate
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train."))
     train_ds = read_sample(split="train")

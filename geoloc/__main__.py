@@ -27,6 +27,9 @@ STEPS = {
     "export": ("geoloc.prepare.export", "export a checkpoint as one TorchScript file"),
     "tune": ("geoloc.prepare.tune", "choose evidence reranking weights on validation photos"),
     "report": ("geoloc.evaluation.report", "put several evaluate.py runs in one table"),
+    # maintainers: rebuild the committed evidence data from registry packages
+    "country_tables": ("geoloc.prepare.country_tables", "rebuild the committed driving-side and script table"),
+    "landcover": ("geoloc.prepare.landcover", "rebuild the committed IGBP land-cover raster"),
 }
 
 

@@ -238,8 +238,8 @@ def test_inconsistent_arrays_are_refused_naming_the_file(tmp_path):
 
 
 def test_build_from_a_run_skips_bad_photos_and_refuses_other_weights(tiny_run, tmp_path):
+    from geoloc.data.transforms import eval_transform
     from geoloc.models.loading import load_checkpoint
-    from geoloc.training.datamodule import eval_transform
 
     model = load_checkpoint(tiny_run["ckpt"])
     refs = read_sample(tiny_run["sample"], split="train", n_images=240)

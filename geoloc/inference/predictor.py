@@ -113,8 +113,8 @@ class ModelPredictor:
                  compile: bool = False, explain: bool = False, ocr: bool = False, name: str = "model"):
         import torch
 
+        from geoloc.data.transforms import eval_transform
         from geoloc.models.loading import load_checkpoint
-        from geoloc.training.datamodule import eval_transform
 
         parts = _refine_parts(refine)
         for what, v in (("topk", topk), ("candidates", candidates), ("batch_size", batch_size)):

@@ -36,8 +36,8 @@ def main(cfg) -> RetrievalIndex:
 
     import hydra
 
+    from geoloc.data.transforms import eval_transform
     from geoloc.models.loading import load_checkpoint
-    from geoloc.training.datamodule import eval_transform
 
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads is not news
     started = time.perf_counter()

@@ -21,29 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from geoloc.data.images import ImageError, decode_image
 from geoloc.data.readers import GeoDataset
+from geoloc.data.transforms import eval_transform, train_transform
 from geoloc.geo.cells import Geocells
-
-
-def train_transform(data_config: dict, scale: tuple[float, float] = (0.5, 1.0)):
-    """GeoCLIP-style augmentation at the backbone's input size and normalization."""
-    from torchvision import transforms as T
-
-    size = data_config["input_size"][-1]
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=scale),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.ToTensor(),
-        T.Normalize(data_config["mean"], data_config["std"]),
-    ])
-
-
-def eval_transform(data_config: dict):
-    """timm's evaluation transform (resize, centre crop, normalize) for the backbone."""
-    from timm.data import create_transform
-
-    return create_transform(**data_config, is_training=False)
 
 
 class _Photos(Dataset):
