@@ -1,1 +1,2 @@
-"""From photos to answers: the predictor interface, the baselines, the trained-model predictor, the exported model and geoloc-predict."""
+"""From photos to answers: the predictor interface, the baselines, the trained-model predictor, the
+exported model and geoloc-predict."""
