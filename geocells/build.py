@@ -53,7 +53,7 @@ SCHEMES = ("semantic", "admin", "h3")
 
 
 @dataclass
-class BuildReport:
+class CellsReport:
     """What a build did, for the log and the benchmark.
 
     ``countries_below_min``: ``{adm0_a3: photos}``, countries with fewer than ``min_points`` photos in
@@ -138,7 +138,7 @@ class _Units:
 
 
 def _units(pts: np.ndarray, pts_xyz: np.ndarray, cov_cells: np.ndarray, cov_region: np.ndarray,
-           res: int, max_res: int, max_points: int, boundaries, report: BuildReport) -> tuple[_Units, np.ndarray]:
+           res: int, max_res: int, max_points: int, boundaries, report: CellsReport) -> tuple[_Units, np.ndarray]:
     """Coverage cells plus refinement where one H3 cell holds more than ``max_points`` photos.
 
     Returns:
@@ -444,7 +444,7 @@ def build_geocells(points, boundaries, *, scheme: str = "semantic", min_points: 
 
     Args:
         points: ``(N, 2)`` ``[lat, lng]`` training coordinates (validated; errors name the row).
-        boundaries: GeoDataFrame of regions (``geocells.boundaries.load_boundaries()``).
+        boundaries: GeoDataFrame of regions (``geoloc.geo.boundaries.load_boundaries()``).
         scheme: ``semantic``, ``admin`` or ``h3``.
         min_points: cells with fewer photos merge into neighbours (same country).
         max_points: cells with more photos are split.
@@ -455,7 +455,7 @@ def build_geocells(points, boundaries, *, scheme: str = "semantic", min_points: 
             this long (km, between the closest H3 unit centres); farther islands keep their own cell.
 
     Returns:
-        ``(GeoDataFrame of cells, BuildReport)``.
+        ``(GeoDataFrame of cells, CellsReport)``.
     """
     import geopandas as gpd
 
@@ -475,7 +475,7 @@ def build_geocells(points, boundaries, *, scheme: str = "semantic", min_points: 
     if scheme == "semantic" and len(pts) < min_points:
         raise ValueError(f"min_points={min_points} is larger than the {len(pts)} points given: every cell "
                          "would be below the bound; lower min_points")
-    report = BuildReport(n_points=len(pts))
+    report = CellsReport(n_points=len(pts))
     regions = _regions_table(boundaries)
     pts_xyz = latlng_to_xyz(pts)
 
@@ -939,7 +939,7 @@ def _check_writable(path: str | Path) -> Path:
 
 
 def _main(cfg) -> None:
-    from geocells.boundaries import load_boundaries
+    from geoloc.geo.boundaries import load_boundaries
 
     out = _check_writable(cfg.out)  # before the build: an unwritable out= must not cost the whole run
     points = read_points(cfg.points, split=cfg.points_split)

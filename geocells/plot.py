@@ -60,7 +60,7 @@ def plot_cells(cells_gdf, boundaries_gdf, out_path: str | Path, *, title: str | 
     Args:
         cells_gdf: GeoDataFrame of cells (lng/lat geometry) with an ``n_points`` column.
         boundaries_gdf: GeoDataFrame of admin regions with ``adm0_a3`` and ``level`` (0 = country,
-            1 = admin-1), as from :func:`geocells.boundaries.load_boundaries`; None draws no borders.
+            1 = admin-1), as from :func:`geoloc.geo.boundaries.load_boundaries`; None draws no borders.
         out_path: the PNG, written atomically (temp file beside it, then renamed).
         title: figure title.
         bbox: ``(minlng, minlat, maxlng, maxlat)`` degrees; None: :func:`default_bbox`.
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
 
     matplotlib.use("Agg")  # an entry point: never open a display
 
-    from geocells.boundaries import load_boundaries
+    from geoloc.geo.boundaries import load_boundaries
     from geoloc.geo.cells import Geocells
 
     gc = Geocells.load(args.cells)

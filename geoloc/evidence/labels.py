@@ -85,9 +85,10 @@ def _coastline():
 
     from geoloc.data.geography import _land_mask_data
 
-    packed, width, lat0, dlat, *_ = _land_mask_data()
+    mask = _land_mask_data()  # bit-packed GridRaster, bit 1 = ocean
+    width, lat0, dlat = mask.shape[1], mask.lat.origin, mask.lat.step
     step = int(round(0.05 / abs(dlat)))  # 6 cells of 1/120 degree
-    sea = np.unpackbits(packed[::step], axis=1)[:, :width:step].astype(bool)  # (3600, 7200), True = ocean
+    sea = np.unpackbits(mask.data[::step], axis=1)[:, :width:step].astype(bool)  # (3600, 7200), True = ocean
     # a boundary cell differs from one of its 4 neighbours (longitude wraps around)
     edge = np.zeros_like(sea)
     edge[1:] |= sea[1:] != sea[:-1]

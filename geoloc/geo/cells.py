@@ -23,15 +23,10 @@ import numpy as np
 import pandas as pd
 
 from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
-from geoloc.geo.h3index import H3Table, h3_centers
+from geoloc.geo.h3index import H3Table, h3_centers, h3_mean_area_km2, h3_resolution
 
 GEOCELLS_FORMAT_VERSION = 1
 METADATA_KEY = b"geoloc.geocells"
-#: Mean hexagon area per H3 resolution 0..15 (km², H3's published table).
-H3_MEAN_AREA_KM2 = np.array([4357449.416078383, 609788.441794133, 86801.780398997, 12393.434655088,
-                             1770.347654491, 252.903858182, 36.129062164, 5.161293360, 0.737327598,
-                             0.105332513, 0.015047502, 0.002149643, 0.000307092, 0.000043870, 0.000006267,
-                             0.000000895])
 REQUIRED_COLUMNS = ("cell_id", "n_points", "centroid_lat", "centroid_lng", "h3_cells", "neighbors")
 
 
@@ -142,8 +137,7 @@ class Geocells:
                 geod = Geod(ellps="WGS84")
                 self._areas = np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in geoms]) / 1e6
             else:
-                res = [(np.asarray(c, np.uint64) >> np.uint64(52)) & np.uint64(0xF) for c in self.table["h3_cells"]]
-                self._areas = np.array([H3_MEAN_AREA_KM2[r.astype(np.int64)].sum() for r in res])
+                self._areas = np.array([h3_mean_area_km2(h3_resolution(c)).sum() for c in self.table["h3_cells"]])
         return self._areas
 
     def evidence(self, head: str, *, alpha: float = 1.0) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 :class:`AdminLookup` (the default of ``evaluate.py``) reads the project's own boundary file,
 ``geocells/data/admin_boundaries_v1.parquet`` (Natural Earth 10m admin-1 regions that tile each
-country, built by ``python -m geocells.boundaries``; see ``geocells/data/README.md``): per point the
-country (``adm0_a3``) and the admin-1 region (``admin1_code``, e.g. ``FR-75`` for Paris; ``""`` for the 13
-countries Natural Earth does not subdivide).
+country, built by ``python -m geocells.boundaries``; see ``geocells/data/README.md``) through
+:func:`geoloc.geo.boundaries.load_boundaries`: per point the country (``adm0_a3``) and the admin-1
+region (``admin1_code``, e.g. ``FR-75`` for Paris; ``""`` for the 13 level-0 rows, countries or parts
+of countries that Natural Earth does not subdivide).
 
 :class:`CountryLookup` reads any boundary file. Its default boundaries are Natural Earth 10m admin-0
 countries (public domain) as shipped in the
@@ -23,6 +24,10 @@ import shapely
 
 from geoloc.data.packages import package_path
 from geoloc.geo import validate_latlng
+from geoloc.geo.boundaries import admin_boundaries_path, load_boundaries
+
+__all__ = ["AdminLookup", "CountryLookup", "admin_boundaries_path", "default_admin_lookup", "default_boundaries_path",
+           "default_country_lookup"]
 
 
 def default_boundaries_path() -> Path:
@@ -77,35 +82,22 @@ class CountryLookup:
         return out
 
 
-def admin_boundaries_path() -> Path:
-    """The committed admin-0/admin-1 boundary file (a data file of the ``geocells`` package)."""
-    return package_path("geocells", "data", "admin_boundaries_v1.parquet",
-                        purpose="admin-1 lookup (Natural Earth 10m admin-1 regions)")
-
-
 class AdminLookup:
     """Vectorized point-in-region lookup: country and admin-1 code of each point.
 
     Args:
-        path: a GeoParquet with ``adm0_a3``, ``admin1_code``, ``admin1_name``, ``country`` and polygons;
-            None reads :func:`admin_boundaries_path`.
+        path: a boundary file (:func:`geoloc.geo.boundaries.load_boundaries` reads and checks it); None:
+            the committed one, :func:`admin_boundaries_path`.
     """
 
     def __init__(self, path: str | Path | None = None):
-        import geopandas as gpd
-
         self.path = Path(path) if path is not None else admin_boundaries_path()
-        gdf = gpd.read_parquet(self.path)
-        missing = [c for c in ("adm0_a3", "admin1_code") if c not in gdf.columns]
-        if missing:
-            raise ValueError(f"{self.path}: no column(s) {missing}; found {list(gdf.columns)}")
-        self.adm0 = gdf["adm0_a3"].fillna("").astype(str).to_numpy(dtype=object)
-        self.admin1 = gdf["admin1_code"].fillna("").astype(str).to_numpy(dtype=object)
-        self.iso_a2 = (gdf["iso_a2"].fillna("").astype(str).to_numpy(dtype=object)
-                       if "iso_a2" in gdf.columns else np.full(len(gdf), "", dtype=object))
-        self.continent = (gdf["continent"].fillna("").astype(str).to_numpy(dtype=object)
-                          if "continent" in gdf.columns else np.full(len(gdf), "", dtype=object))
-        self._tree = shapely.STRtree(shapely.make_valid(gdf.geometry.to_numpy()))
+        gdf = load_boundaries(self.path)
+        self.adm0 = gdf["adm0_a3"].to_numpy(dtype=object)
+        self.admin1 = gdf["admin1_code"].to_numpy(dtype=object)
+        self.iso_a2 = gdf["iso_a2"].to_numpy(dtype=object)
+        self.continent = gdf["continent"].to_numpy(dtype=object)
+        self._tree = shapely.STRtree(gdf.geometry.to_numpy())
 
     def regions(self, latlng) -> np.ndarray:
         """Index of the region holding each point (-1: none; the lowest index where regions overlap)."""

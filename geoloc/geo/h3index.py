@@ -11,6 +11,7 @@ digits below the cell's resolution are 7.
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,6 +57,25 @@ def latlng_to_h3(latlng, res: int, *, validate: bool = True) -> np.ndarray:
 def h3_resolution(cells: np.ndarray) -> np.ndarray:
     """``(N,)`` resolutions of uint64 cells."""
     return ((np.asarray(cells, dtype=np.uint64) & _RES_MASK) >> _RES_SHIFT).astype(np.int8)
+
+
+@functools.lru_cache(maxsize=1)
+def _mean_area_table_km2() -> np.ndarray:
+    import h3
+
+    return np.array([h3.average_hexagon_area(r, unit="km^2") for r in range(16)])
+
+
+def h3_mean_area_km2(res) -> np.ndarray:
+    """H3's mean hexagon area at each resolution (``h3.average_hexagon_area``), in km².
+
+    Args:
+        res: resolutions 0..15, any shape.
+
+    Returns:
+        float64 areas in km², the shape of ``res``.
+    """
+    return _mean_area_table_km2()[np.asarray(res, dtype=np.int64)]
 
 
 def h3_parent(cells: np.ndarray, res: int) -> np.ndarray:
