@@ -2,6 +2,8 @@
 
 * :func:`atomic_path`, :func:`atomic_write_bytes` / ``_text`` / ``_json``: a file is written under a
   temporary name beside it, fsynced and renamed, so a reader sees the old file or the new one.
+  :class:`AtomicFile` is the same as an open file with an explicit :meth:`~AtomicFile.commit`, for
+  writers that hand a file object on (the shard writer gives one to webdataset per shard).
 * :func:`atomic_dir`: the same for a folder of files (an index, the synthetic sample).
 * :class:`Journal`: an append-only JSON-lines file, each record fsynced, a torn last line (a kill in
   mid-write) dropped on read; what long jobs (shards, evaluation) resume from. :func:`complete_lines`
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,26 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes a rename inside ``path`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, path: Path, mode: int = 0o666) -> None:
+    """Gives ``tmp`` the permissions a new file gets (mkstemp/mkdtemp make 0600/0700) and renames it to ``path``."""
+    os.chmod(tmp, mode & ~_umask())
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -45,19 +69,69 @@ def atomic_path(path: str | Path, suffix: str = ".tmp"):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        _publish(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+class AtomicFile:
+    """A binary file written under a temporary name beside ``path`` (``.NAME.XXXX.tmp``).
+
+    :meth:`commit` flushes and fsyncs it, renames it to ``path`` and fsyncs the folder, so the rename
+    is durable before anything that records it; :meth:`abort` removes it. As a context manager it
+    commits on success and aborts on an error. Only :meth:`write` is offered to the code that fills it
+    (a tar stream, say), so it cannot close the file early.
+
+    Args:
+        path: the final file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.tmp = Path(tmp)
+        self._file = os.fdopen(fd, "wb")
+
+    def write(self, data) -> int:
+        return self._file.write(data)
+
+    def commit(self) -> Path:
+        """Makes the file final; returns its path. On an error the temporary file is removed."""
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            _publish(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        _fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        """Removes the temporary file; ``path`` is left as it was."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Writes ``data`` to a temporary file beside ``path``, fsyncs it, then renames it over ``path``."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with AtomicFile(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     return Path(path)
 
 
@@ -86,20 +160,6 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
-def _fsync_dir(path: Path) -> None:
-    """Makes a rename inside ``path`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, *, replace: bool = True):
     """Yields a temporary folder beside ``path`` for a writer to fill; on success every file in it is
@@ -123,14 +183,18 @@ def atomic_dir(path: str | Path, *, replace: bool = True):
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         old = None
         if path.exists():
             if not replace:
                 raise FileExistsError(f"{path}: appeared while it was being written")
             old = path.with_name(f".{path.name}.old.{os.getpid()}")
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            _publish(tmp, path, 0o777)
+        except OSError as e:  # another writer renamed its folder into place after the check above
+            if not replace and e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise FileExistsError(f"{path}: appeared while it was being written") from e
+            raise
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -164,9 +228,10 @@ def complete_lines(path: str | Path) -> int:
 class Journal:
     """An append-only JSON-lines file: what a long job resumes from.
 
-    :meth:`append` writes one record, flushes and fsyncs it; :meth:`read` returns every complete record,
-    dropping a torn last line (and repairing the file, so the next append starts on a line of its own).
-    A damaged line anywhere else is an error that names the file and line.
+    :meth:`append` writes one record, :meth:`extend` several, each call flushed and fsynced once;
+    :meth:`read` returns every complete record, dropping a torn last line (and repairing the file, so
+    the next append starts on a line of its own). A damaged line anywhere else is an error that names
+    the file and line.
 
     Args:
         path: the journal file (created on the first append).
@@ -175,25 +240,43 @@ class Journal:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def read(self) -> list[dict]:
+    def read(self, *, repair: bool = True) -> list[dict]:
+        """The complete records, in order.
+
+        Args:
+            repair: truncate a torn last line from the file; False only skips it, leaving the file as it
+                is (for readers of a journal that a writer may be appending to).
+
+        Raises:
+            ValueError: a line other than the last is not JSON.
+        """
         if not self.path.exists():
             return []
-        complete_lines(self.path)
+        if repair:
+            complete_lines(self.path)
+        # split at b"\n" only: str.splitlines would also split at U+2028 and U+0085, which JSON strings keep
+        lines = self.path.read_bytes().split(b"\n")
+        lines.pop()  # b"" after the last newline, or a torn line (a kill in mid-write) when not repaired
         records = []
-        for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
+                records.append(json.loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(f"{self.path}: line {i} is not JSON ({e}); the journal is damaged: start the job "
                                  "afresh (resume=false) or in another folder") from e
         return records
 
     def append(self, record: dict) -> None:
+        self.extend([record])
+
+    def extend(self, records: Iterable[dict]) -> None:
+        """Appends ``records`` and fsyncs once: a batch is on disk when this returns."""
+        text = "".join(json.dumps(to_jsonable(r), ensure_ascii=False) + "\n" for r in records)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(to_jsonable(record), ensure_ascii=False) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
 

@@ -1,10 +1,11 @@
 """The artifacts layer: atomic folders, journals that survive a torn line, metadata checks that say how to rebuild."""
 
 import json
+import os
 
 import pytest
 
-from geoloc.artifacts import ArtifactMeta, Journal, atomic_dir, complete_lines
+from geoloc.artifacts import ArtifactMeta, AtomicFile, Journal, atomic_dir, atomic_write_bytes, complete_lines
 
 
 def test_atomic_dir_replaces_whole_or_leaves_the_old(tmp_path):
@@ -20,6 +21,61 @@ def test_atomic_dir_replaces_whole_or_leaves_the_old(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
     with pytest.raises(FileExistsError, match="exists already"), atomic_dir(out, replace=False):
         pass
+
+
+def test_atomic_dir_without_replace_loses_a_race_with_file_exists(tmp_path, monkeypatch):
+    out = tmp_path / "sample"
+    real_replace = os.replace
+
+    def replace(src, dst):  # another writer renames its folder into place just before ours
+        if dst == out and not out.exists():
+            out.mkdir()
+            (out / "theirs.txt").write_text("1")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(FileExistsError, match="appeared while it was being written"), \
+            atomic_dir(out, replace=False) as tmp:
+        (tmp / "ours.txt").write_text("2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample"] and (out / "theirs.txt").is_file()
+
+
+def test_atomic_file_commits_or_leaves_nothing(tmp_path):
+    path = tmp_path / "shard.tar"
+    f = AtomicFile(path)
+    f.write(b"abc")
+    assert not path.exists() and f.tmp.parent == tmp_path and f.tmp.name.startswith(".shard.tar.")
+    assert f.commit() == path and path.read_bytes() == b"abc"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~mask  # not the 0600 of a temporary file
+    with pytest.raises(RuntimeError), AtomicFile(path) as g:
+        g.write(b"half")
+        raise RuntimeError("killed")
+    assert path.read_bytes() == b"abc" and sorted(p.name for p in tmp_path.iterdir()) == ["shard.tar"]
+    atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["shard.tar"]
+
+
+def test_journal_extend_fsyncs_once_per_batch(tmp_path, monkeypatch):
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
+    j = Journal(tmp_path / "chains.jsonl")
+    j.extend({"IMG_ID": str(i), "x": float("nan")} for i in range(5))
+    assert len(calls) == 1
+    assert j.read() == [{"IMG_ID": str(i), "x": None} for i in range(5)]  # NaN is not JSON: null
+
+
+def test_journal_read_without_repair_leaves_the_file_alone(tmp_path):
+    j = Journal(tmp_path / "j.jsonl")
+    j.append({"key": "a\u2028b\u0085c"})  # line separators other than \n stay inside their record
+    with open(j.path, "ab") as f:
+        f.write('{"key": "\u00e9'.encode()[:-1])  # torn in the middle of a UTF-8 character
+    before = j.path.read_bytes()
+    assert j.read(repair=False) == [{"key": "a\u2028b\u0085c"}]
+    assert j.path.read_bytes() == before
+    assert j.read() == [{"key": "a\u2028b\u0085c"}] and j.path.read_bytes().endswith(b"\n")
 
 
 def test_journal_drops_a_torn_last_line_and_names_a_damaged_one(tmp_path):

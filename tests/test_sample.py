@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -112,6 +113,7 @@ def test_meta_and_readme(small):
     assert sum(meta["split_counts"].values()) == 60
     readme = (small / "README.txt").read_text(encoding="utf-8")
     assert readme.startswith("SYNTHETIC IMAGES - NOT PHOTOGRAPHS")
+    assert "python -m geoloc sample out=DIR n_images=60 seed=0 image_size=64" in readme  # the current command
 
 
 def test_deterministic(small, tmp_path):
@@ -203,18 +205,30 @@ def test_ensure_sample_refuses_a_foreign_folder(tmp_path):
 
 def test_lost_race_discards_own_copy(tmp_path, monkeypatch):
     """Another process renames its finished sample into place while we are generating."""
-    target = tmp_path / "race"
     winner = generate_sample(tmp_path / "winner", n_images=8, seed=2)
     real_replace = os.replace
 
     def replace(src, dst):
-        if Path(dst) == target and not target.exists():
-            real_replace(winner, target)  # the other process wins
+        if Path(dst).name.startswith("race") and not Path(dst).exists():
+            shutil.copytree(winner, dst)  # the other process wins, just before our rename
         return real_replace(src, dst)
 
-    monkeypatch.setattr(sample.os, "replace", replace)
-    assert ensure_sample(target, n_images=8, seed=2) == target
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["race"]  # our temp copy was removed
+    monkeypatch.setattr(os, "replace", replace)  # the rename geoloc.artifacts.atomic_dir makes
+    assert ensure_sample(tmp_path / "race", n_images=8, seed=2) == tmp_path / "race"
+    with pytest.raises(FileExistsError, match="race2: appeared while it was being written"):
+        generate_sample(tmp_path / "race2", n_images=8, seed=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["race", "race2", "winner"]  # our temp copies went
+    assert (tmp_path / "race" / "sample.csv").read_bytes() == (winner / "sample.csv").read_bytes()
+
+
+def test_an_empty_folder_receives_the_sample_with_the_usual_permissions(tmp_path):
+    (tmp_path / "empty").mkdir()
+    root = generate_sample(tmp_path / "empty", n_images=4, seed=0, image_size=32)
+    assert len(_read(root)) == 4
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (root.stat().st_mode & 0o777) == 0o777 & ~mask  # not the 0700 of a temporary folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
 def test_bad_arguments():

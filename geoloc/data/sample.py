@@ -17,23 +17,21 @@ Layout written by :func:`generate_sample` (Im2GPS3k-style CSV)::
 Usage::
 
     root = ensure_sample()            # cached under $GEOLOC_CACHE (default ~/.cache/geoloc)
-    python -m geoloc sample --out DIR --n-images 3000 --seed 0 --image-size 64
+    python -m geoloc sample out=DIR n_images=3000 seed=0 image_size=64
 """
 
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from geoloc.artifacts import atomic_dir
 from geoloc.data.geography import _as_latlng, is_land, koppen, mp16_gallery_latlng
 
 __all__ = [
@@ -545,18 +543,17 @@ sample.csv columns:
   is_land  True/False from global_land_mask (most lakes count as land)
 
 Regenerate with:
-  python -m geoloc sample --out DIR --n-images {n_images} --seed {seed} --image-size {image_size}
+  python -m geoloc sample out=DIR n_images={n_images} seed={seed} image_size={image_size}
 """
 
 
 def generate_sample(out_dir: str | os.PathLike, *, n_images: int = 3000, seed: int = 0, image_size: int = 64) -> Path:
     """Write the synthetic sample set to ``out_dir``, atomically.
 
-    The set is built in a temporary folder beside ``out_dir`` and renamed into place, so
-    ``out_dir`` is either absent or complete. Same arguments give byte-identical files.
-    Rendering and JPEG encoding run in a few threads over fixed-size chunks, each with its
-    own child seed. 3000 images at 64 px take about 5 s on 2 cores from a cold start, of
-    which about 2.5 s is the one-time load of the land mask and Köppen raster.
+    The set is built in a temporary folder beside ``out_dir`` and renamed into place
+    (:func:`geoloc.artifacts.atomic_dir`), so ``out_dir`` is either absent or complete. Same
+    arguments give byte-identical files. Rendering and JPEG encoding run in a few threads over
+    fixed-size chunks, each with its own child seed, so the output does not depend on timing.
 
     Args:
         out_dir: Folder to create; it must not exist, or be empty.
@@ -577,21 +574,25 @@ def generate_sample(out_dir: str | os.PathLike, *, n_images: int = 3000, seed: i
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not an empty folder; delete it or choose another.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     plan_seq, render_seq = np.random.SeedSequence(int(seed)).spawn(2)
     plan = _plan(int(n_images), np.random.default_rng(plan_seq))
     latlng = plan["latlng"]
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        # The two raster loads (first use in a process: ~2 s and ~0.6 s) release the GIL.
+        # The two raster loads (slow on first use in a process) release the GIL.
         kg_job, land_job = pool.submit(koppen, latlng), pool.submit(is_land, latlng)
         kg, land = kg_job.result(), land_job.result()
     look = _appearance_class(latlng)
     ids = [f"syn_{i:06d}.jpg" for i in range(n_images)]
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    if out_dir.is_dir():
+        try:
+            out_dir.rmdir()  # empty: the finished sample takes its place
+        except OSError as exc:
+            raise FileExistsError(f"{out_dir} is being filled by another writer.") from exc
+    # another process that finishes first wins: FileExistsError (ensure_sample then returns its folder)
+    with atomic_dir(out_dir, replace=False) as tmp:
         images = tmp / "images"
         images.mkdir()
         from PIL import Image
@@ -646,16 +647,6 @@ def generate_sample(out_dir: str | os.PathLike, *, n_images: int = 3000, seed: i
             ),
             encoding="utf-8",
         )
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        try:
-            os.replace(tmp, out_dir)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                raise FileExistsError(f"{out_dir} appeared while the sample was being generated.") from exc
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

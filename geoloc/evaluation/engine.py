@@ -10,8 +10,9 @@ Outputs in ``output_dir``:
   resumes where it stopped;
 * ``skipped.csv``: ``IMG_ID,reason,detail`` for each photo that could not be used;
 * ``explanations.jsonl`` (predictors with ``explain`` on): one reasoning chain per photo,
-  ``{"IMG_ID", "stages", "claims", "checks", "text"}`` (:mod:`geoloc.evidence.verbalize`), written
-  before its prediction row; a resumed run may repeat a chain (the last line of an ``IMG_ID`` wins);
+  ``{"IMG_ID", "stages", "claims", "checks", "text"}`` (:mod:`geoloc.evidence.verbalize`), appended
+  through a :class:`~geoloc.artifacts.Journal` (fsynced per batch) before the batch's prediction rows;
+  a resumed run may repeat a chain (the last line of an ``IMG_ID`` wins);
 * ``metrics.json``: ``n``, ``n_skipped``, ``acc_{1,25,200,750,2500}km`` (percent), ``median_km``,
   ``mean_km``, ``geoscore``, ``acc_country``/``n_country``, ``acc_admin1``/``n_admin1`` and, for
   predictors that rank geocells, ``acc_cell_top1``, ``ece_top1`` (+ ``calibration_bins``),
@@ -32,14 +33,13 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from geoloc.artifacts import atomic_write_json, atomic_write_text
+from geoloc.artifacts import Journal, atomic_write_json, atomic_write_text, complete_lines
 from geoloc.data.images import SkipReport
 from geoloc.data.readers import Item, ItemSource
 from geoloc.evaluation.metrics import (
@@ -60,16 +60,6 @@ SKIP_COLUMNS = ["IMG_ID", "reason", "detail"]
 CELL_COLUMNS = ["true_cell", "cell_top1", "cell_top1_prob", "true_cell_rank", "area_to_cover_km2"]
 #: Areas at which ``recall_at_area`` is reported (km²): a city, a region, a large country, a continent.
 RECALL_AREAS_KM2 = (1e3, 1e4, 1e5, 1e6, 1e7)
-
-
-def _complete_lines(path: Path) -> None:
-    """Drops a partial last line left by a kill mid-write."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _done_keys(path: Path) -> set[str]:
@@ -157,7 +147,7 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
             p.unlink(missing_ok=True)
     atomic_write_json(run_path, info)
     for p in (pred_path, skip_path, chain_path):
-        _complete_lines(p)
+        complete_lines(p)  # a kill in mid-write leaves a partial last line
     done = _done_keys(pred_path) | _done_keys(skip_path)
     skipped = SkipReport()
     total = max(len(source) - len(done), 0)
@@ -169,8 +159,8 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
     header_written = pred_path.exists() and pred_path.stat().st_size > 0
     existing_header = pd.read_csv(pred_path, nrows=0).columns.tolist() if header_written else None
     cells = getattr(predictor, "cells", None)  # predictors that rank geocells get the cell-level columns
-    with open(pred_path, "a", newline="") as pf, open(skip_path, "a", newline="") as sf, \
-            open(chain_path, "a", encoding="utf-8") if getattr(predictor, "explain", False) else nullcontext() as cf:
+    chains = Journal(chain_path) if getattr(predictor, "explain", False) else None
+    with open(pred_path, "a", newline="") as pf, open(skip_path, "a", newline="") as sf:
         pw, sw = csv.writer(pf), csv.writer(sf)
         if sf.tell() == 0:
             sw.writerow(SKIP_COLUMNS)
@@ -191,11 +181,8 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
                 raise ValueError(f"{pred_path}: its columns {existing_header} differ from this run's {header}; "
                                  "use another output_dir or resume=false")
             existing_header = None  # checked once per call
-            if cf is not None and pred.explanations is not None:  # before the rows: a done row has its chain
-                cf.writelines(json.dumps({"IMG_ID": it.key, **chain}, ensure_ascii=False) + "\n"
-                              for it, chain in zip(batch, pred.explanations))
-                cf.flush()
-                os.fsync(cf.fileno())
+            if chains is not None and pred.explanations is not None:  # before the rows: a done row has its chain
+                chains.extend({"IMG_ID": it.key, **chain} for it, chain in zip(batch, pred.explanations))
             pw.writerows(rows)
             new_skips = skipped.items[n_skip_written:]
             sw.writerows([list(s) for s in new_skips])

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 
+from geoloc.artifacts import Journal
 from geoloc.data.images import DEFAULT_MAX_PIXELS, ImageError, SkipReport, decode_image
 from geoloc.data.readers import Item
 from geoloc.data.shards.writer import _SHARD_NAME, _shard_files, safe_key
@@ -41,7 +42,7 @@ def resolve_shards(urls: str | Path | Sequence[str | Path], split: str | None = 
                 return []  # a finished run that wrote nothing (every photo skipped)
             if not found:
                 raise FileNotFoundError(f"{text}: holds no {split}-NNNNNN.tar shards (write them with "
-                                        f"`python -m geoloc.shards ... out={text} split={split}`)")
+                                        f"`python -m geoloc shards ... out={text} split={split}`)")
             return [found[i] for i in sorted(found)]
         if "{" in text:
             import braceexpand
@@ -109,7 +110,7 @@ class _Layout:
         if stray:
             raise ValueError(f"{folder / stray[0]}: not listed in {path.name} ({len(stray)} such shard(s)); the "
                              "folder mixes shards of different runs or a run was interrupted. Rerun "
-                             "`python -m geoloc.shards` with the same out= to finish it")
+                             "`python -m geoloc shards` with the same out= to finish it")
         if self.is_dir and set(names) != set(listed):
             absent = sorted(set(listed) - set(names))
             raise ValueError(f"{folder / absent[0]}: listed in {path.name} but missing ({len(absent)} shard(s))")
@@ -152,21 +153,13 @@ def _journal_shards(path: Path) -> dict[str, dict]:
     """``{shard name: record}`` of a progress journal, read without repairing it (a writer may be
     appending); {} when it is absent or damaged. A torn last line is ignored."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        records = Journal(path).read(repair=False)
+    except (OSError, ValueError):
+        return {}
+    if not records or not isinstance(records[0], dict) or records[0].get("kind") != "header":
         return {}
     shards: dict[str, dict] = {}
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            return {}
-        if i == 0:
-            if not isinstance(record, dict) or record.get("kind") != "header":
-                return {}
-            continue
+    for record in records[1:]:
         shard = record.get("shard") if isinstance(record, dict) else None
         if isinstance(shard, dict) and isinstance(shard.get("name"), str) and isinstance(record.get("keys"), list):
             shards[shard["name"]] = record
@@ -222,8 +215,19 @@ def _tar_groups(path: Path, errors: list[str]) -> Iterator[tuple[str, dict[str, 
         yield key, group
 
 
-def _parse_record(data: bytes | None, where: str) -> tuple[str, tuple[float, float], dict]:
-    """Key, ``(lat, lng)`` and metadata of a sample's json; ValueError saying what is wrong."""
+def parse_record(data: bytes | None, where: str) -> dict:
+    """A sample's json record, checked; ValueError saying what is wrong.
+
+    Args:
+        data: the ``.json`` member (None when the sample has none).
+        where: ``shard/key``, named in errors.
+
+    Returns:
+        ``{"key": str, "latlng": (lat, lng), "meta": dict, "labels": {head: int} | None}``. ``labels``
+        are the evidence labels stored at sharding time (``-1`` masked); None when the record has none
+        (written before shards carried labels) or they were computed with another
+        :data:`~geoloc.evidence.labels.EVIDENCE_VERSION`: then compute them from ``latlng``.
+    """
     if data is None:
         raise ValueError(f"{where}: no .json member")
     try:
@@ -235,7 +239,22 @@ def _parse_record(data: bytes | None, where: str) -> tuple[str, tuple[float, flo
     if not (math.isfinite(lat) and math.isfinite(lng) and -90 <= lat <= 90):
         raise ValueError(f"{where}.json: latlng {[lat, lng]} is not a valid [lat, lng] in degrees")
     meta = rec.get("meta") or {}
-    return key, (lat, lng), meta if isinstance(meta, dict) else {"meta": meta}
+    labels = rec.get("labels")
+    if labels is not None:
+        if not (isinstance(labels, dict) and all(type(v) is int for v in labels.values())):
+            raise ValueError(f"{where}.json: labels {str(labels)[:100]} are not {{head: class index}}")
+        from geoloc.evidence.labels import EVIDENCE_VERSION
+
+        if rec.get("evidence_version") != EVIDENCE_VERSION:
+            labels = None
+    return {"key": key, "latlng": (lat, lng), "meta": meta if isinstance(meta, dict) else {"meta": meta},
+            "labels": labels}
+
+
+def _parse_record(data: bytes | None, where: str) -> tuple[str, tuple[float, float], dict]:
+    """Key, ``(lat, lng)`` and metadata of a sample's json (:func:`parse_record` without the labels)."""
+    rec = parse_record(data, where)
+    return rec["key"], rec["latlng"], rec["meta"]
 
 
 class ShardDataset:
@@ -252,6 +271,10 @@ class ShardDataset:
     journal beside each shard where it records that very file (same name and size), else from one scan
     of the tar's member headers (webdataset keys, :func:`safe_key` of the ids; cheap for the
     uncompressed tars :func:`write_shards` writes).
+
+    Each item's ``meta`` is the source row's other columns, plus ``meta["labels"]``, the evidence labels
+    ``{head: class index}`` stored at sharding time, when the record holds labels of the current
+    evidence label version (see :func:`parse_record`).
 
     Args:
         urls: a directory (with ``split``), a brace pattern ``"dir/test-{000000..000003}.tar"``, one shard,
@@ -377,11 +400,14 @@ class ShardDataset:
         for wkey, group in _tar_groups(path, errors):
             where = f"{path}/{wkey}"
             try:
-                key, latlng, meta = _parse_record(group.get("json"), where)
+                rec = parse_record(group.get("json"), where)
             except ValueError as e:
                 seen.append(where)
                 skipped.add(where, "bad_record", str(e))
                 continue
+            key, latlng, meta = rec["key"], rec["latlng"], rec["meta"]
+            if rec["labels"] is not None:
+                meta = {**meta, "labels": rec["labels"]}
             seen.append(key)
             if key in exclude:
                 continue
