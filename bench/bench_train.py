@@ -36,16 +36,12 @@ def _cfg(cells: Path, out: Path):
 
 
 def _build(cfg, cells):
+    """The demo's network and LightningModule, built from their config nodes as train.py builds them."""
     import hydra
 
-    from geoloc.models.geolocator import GeoLocator
-
-    backbone = hydra.utils.instantiate(cfg.backbone)
-    loc = hydra.utils.instantiate(cfg.model.location_encoder)
-    net = GeoLocator(backbone, loc, num_cells=len(cells), dropout=cfg.model.dropout)
-    module = hydra.utils.instantiate(cfg.model.module, model=net,
-                                     cell_centroids=torch.tensor(cells.centroids, dtype=torch.float32))
-    return backbone, module
+    net = hydra.utils.instantiate(cfg.model.net, num_cells=len(cells), evidence_heads=None)
+    module = hydra.utils.instantiate(cfg.model.module, model=net, cells=cells, evidence_weights=None)
+    return net.image_encoder, module
 
 
 class _FixedBatches(torch.utils.data.IterableDataset):

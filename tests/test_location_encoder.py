@@ -61,7 +61,7 @@ def sample_latlng(n_random: int = 4000) -> torch.Tensor:
 def geoclip_module():
     """GeoCLIP's ``model/location_encoder.py`` as a module, without running ``geoclip/__init__``.
 
-    ``import geoclip`` imports ``transformers`` (about 8 s here). Registering ``geoclip/model`` as a bare
+    ``import geoclip`` imports ``transformers`` (slow, and not needed here). Registering ``geoclip/model`` as a bare
     package of a private name lets its relative imports (``.misc``, ``.rff``) resolve from its own folder.
     """
     if GEOCLIP_SPEC is None:

@@ -1,8 +1,14 @@
-"""Image transforms: GeoCLIP-style training augmentation and timm's evaluation transform, at the
-backbone's input size and normalization (its ``data_config``). Kept apart from the training glue so
-that prediction does not import Lightning."""
+"""Image transforms and the training sample.
+
+The transforms are GeoCLIP-style training augmentation and timm's evaluation transform, at the backbone's
+input size and normalization (its ``data_config``). :func:`decode_sample` turns one stored photo into the
+sample both training paths yield (the map-style table dataset and the shard stream), so that the collate
+sees one layout. Kept apart from the training glue so that prediction does not import Lightning.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
 
 
 def train_transform(data_config: dict, scale: tuple[float, float] = (0.5, 1.0)):
@@ -25,3 +31,55 @@ def eval_transform(data_config: dict):
     from timm.data import create_transform
 
     return create_transform(**data_config, is_training=False)
+
+
+def decode_sample(photo, *, key: str, latlng, labels: Mapping[str, int] | None = None,
+                  transform: Callable | None = None, max_pixels: int | None = None, name: str | None = None,
+                  seed: int | None = None) -> dict:
+    """One training sample from a stored photo.
+
+    Args:
+        photo: a path or the encoded bytes (see :func:`geoloc.data.images.decode_image`).
+        key: the image id.
+        latlng: ``(2,)`` ``[lat, lng]`` degrees.
+        labels: ``{head: class index}`` evidence labels (-1 where masked), computed before (at sharding time,
+            or once per table), never here.
+        transform: applied to the upright RGB ``PIL.Image``; None keeps the image.
+        max_pixels: larger photos are refused as decompression bombs (None: the decoder's default).
+        name: how errors name the photo (a shard member, say).
+        seed: when given, the transform's randomness is seeded by it (torch's global generator is left as it
+            was), so that the same sample gets the same augmentation in a resumed run.
+
+    Returns:
+        ``{"image": transform(image), "latlng": float32 tensor (2,), "key": str, "labels": {head: int}}``.
+
+    Raises:
+        geoloc.data.images.ImageError: the photo does not decode (callers turn it into :func:`bad_sample`
+            or a skip).
+    """
+    import torch
+
+    from geoloc.data.images import DEFAULT_MAX_PIXELS, decode_image
+
+    image = decode_image(photo, name=name, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
+    if transform is not None and seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            image = transform(image)
+    elif transform is not None:
+        image = transform(image)
+    return {"image": image, "latlng": torch.tensor(latlng, dtype=torch.float32), "key": str(key),
+            "labels": dict(labels or {})}
+
+
+def bad_sample(key: str, reason: str) -> dict:
+    """The marker that stands for a photo that could not be used: ``{"key", "bad": reason}``.
+
+    The training collate drops it from the batch, counts it and lists it in the batch's ``skipped``.
+    """
+    return {"key": str(key), "bad": str(reason)}
+
+
+def is_bad_sample(sample) -> bool:
+    """Whether ``sample`` is a :func:`bad_sample` marker (or None) rather than a decoded sample."""
+    return sample is None or "bad" in sample

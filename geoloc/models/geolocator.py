@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import nn
 
@@ -47,3 +49,32 @@ class GeoLocator(nn.Module):
     def encode_gps(self, latlng: torch.Tensor) -> torch.Tensor:
         """Args: latlng ``[N, 2]`` degrees. Returns ``[N, E]``."""
         return self.location_encoder(latlng)
+
+
+def build_geolocator(backbone: ImageEncoder, location_encoder: nn.Module, num_cells: int, dropout: float = 0.0,
+                     evidence_heads: Mapping[str, float] | Sequence[str] | None = None) -> GeoLocator:
+    """The network a config describes (``model.net``), and what :func:`~geoloc.models.loading.load_checkpoint`
+    rebuilds from a run's saved config.
+
+    Args:
+        backbone: the image encoder.
+        location_encoder: the GPS encoder.
+        num_cells: number of geocells: ``len(cells)`` of the cells file, given by train.py and by loading.
+        dropout: before the cell head.
+        evidence_heads: the evidence heads to add, by name (:data:`geoloc.evidence.labels.HEADS` sizes them):
+            a list of names, or the loss weights ``{head: w}`` of ``model.evidence``, where a head with
+            ``w > 0`` gets a head.
+
+    Raises:
+        ValueError: an unknown evidence head.
+    """
+    sizes = {}
+    if evidence_heads:
+        from geoloc.evidence.labels import evidence_head_sizes
+
+        if isinstance(evidence_heads, str):
+            evidence_heads = [evidence_heads]
+        weights = (dict(evidence_heads) if isinstance(evidence_heads, Mapping)
+                   else dict.fromkeys(evidence_heads, 1.0))
+        sizes = evidence_head_sizes(weights)
+    return GeoLocator(backbone, location_encoder, num_cells=num_cells, dropout=dropout, evidence_heads=sizes)

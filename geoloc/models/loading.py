@@ -1,41 +1,70 @@
 """Rebuilding a trained geolocator from a checkpoint written by ``train.py``.
 
 A run folder holds ``config.yaml`` (written by train.py, resolved) and ``checkpoints/*.ckpt``. The
-network is rebuilt from the run's backbone and location-encoder config (``pretrained=False``: the
-weights come from the checkpoint) and sized by the run's cells file. Everything that turns a trained
-model into answers (the predictor, the index builder, the exporter) starts here.
+network is rebuilt from the run's network node (``model.net``: :func:`~geoloc.models.geolocator.build_geolocator`
+with its ``backbone`` and ``location_encoder`` nodes nested) as architecture only: the backbone with
+``pretrained=False`` and GeoCLIP's encoder without reading GeoCLIP's weight file, since the weights come from
+the checkpoint; it is sized by the run's cells file. Runs saved before the network had its own node (a
+top-level ``backbone`` and ``model.location_encoder``) are rebuilt from those. Everything that turns a
+trained model into answers (the predictor, the index builder, the exporter) starts here.
 
 **A run folder is data, not code.** People share run folders, so loading one must not run anything
 it says. The checkpoint is read with ``torch.load(weights_only=True)``; ``config.yaml`` with
 ``yaml.safe_load``; and its model nodes are *not* given to ``hydra.utils.instantiate`` (which would
-call any ``_target_``, e.g. ``builtins.open`` or ``pandas.read_pickle``): each node must name one of
-geoloc's own model classes (:data:`RUN_TARGETS`) and hold only plain settings, which are checked and
-passed to that class directly. The checkpoint also records the fingerprint of its cells
-(:meth:`geoloc.geo.cells.Geocells.fingerprint`), so another cells file (or the same cells in another
-order, which would silently give wrong region names) is refused.
+call any ``_target_``, e.g. ``builtins.open`` or ``pandas.read_pickle``): each node, nested ones included,
+must name one of geoloc's own model targets allowed at its place (:data:`RUN_TARGETS`) and hold only plain
+settings, which are checked and passed to that target directly. The checkpoint also records the fingerprint
+of its cells (:meth:`geoloc.geo.cells.Geocells.fingerprint`), so another cells file (or the same cells in
+another order, which would silently give wrong region names) is refused.
 """
 
 from __future__ import annotations
 
-import importlib
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from geoloc.geo.cells import Geocells
-from geoloc.models.geolocator import GeoLocator
+from geoloc.models.geolocator import GeoLocator, build_geolocator
+from geoloc.models.image_encoder import ImageEncoder
+from geoloc.models.location_encoder import GEOCLIP_CONFIG, LocationEncoder
 
-#: The classes a run's ``config.yaml`` may build, per config node. Nothing else is ever called.
+#: The targets a run's ``config.yaml`` may build, per config node. Nothing else is ever called.
 RUN_TARGETS = {
+    "model.net": ("geoloc.models.geolocator.build_geolocator",),
     "backbone": ("geoloc.models.image_encoder.ImageEncoder",),
-    "model.location_encoder": ("geoloc.models.location_encoder.LocationEncoder",),
+    "model.location_encoder": ("geoloc.models.location_encoder.LocationEncoder",
+                               "geoloc.models.location_encoder.LocationEncoder.from_geoclip"),
 }
+#: Settings of a node that are nodes themselves, and the node of :data:`RUN_TARGETS` whose allow-list they follow.
+_NESTED = {"model.net": {"backbone": "backbone", "location_encoder": "model.location_encoder"}}
+#: Settings of a node that may be a flat mapping of plain values (the evidence heads' loss weights).
+_MAPPINGS = {"model.net": ("evidence_heads",)}
 #: Settings refused in a run's backbone node: they would make timm read files or fetch from a hub, and the
 #: weights come from the checkpoint anyway.
 _FORBIDDEN_BACKBONE_KEYS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 _PLAIN = (str, int, float, bool, type(None))
+
+
+def _image_encoder_architecture(**settings) -> ImageEncoder:
+    return ImageEncoder(**{**settings, "pretrained": False})  # the weights come from the checkpoint
+
+
+def _geoclip_architecture(path: str | None = None) -> LocationEncoder:
+    # The checkpoint holds the trained weights: GeoCLIP's file (``path`` or the geoclip package's) is never read.
+    return LocationEncoder(**GEOCLIP_CONFIG)
+
+
+#: What each allowed target builds when a run is loaded: the architecture, never any weights file.
+_BUILDERS: dict[str, Callable] = {
+    "geoloc.models.geolocator.build_geolocator": build_geolocator,
+    "geoloc.models.image_encoder.ImageEncoder": _image_encoder_architecture,
+    "geoloc.models.location_encoder.LocationEncoder": LocationEncoder,
+    "geoloc.models.location_encoder.LocationEncoder.from_geoclip": _geoclip_architecture,
+}
 
 
 @dataclass
@@ -146,28 +175,39 @@ def _check_plain(value, where: str) -> None:
                      f"{type(value).__name__}")
 
 
-def build_from_run_config(node, key: str, source: str | Path, **overrides):
-    """Builds one model node of a run's ``config.yaml`` without Hydra, allowing only geoloc's own classes.
+def _check_mapping(value, where: str) -> dict:
+    """A flat mapping of names to plain values (None allowed), as a dict."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a mapping of names to values, got {type(value).__name__}")
+    for k, v in value.items():
+        if not isinstance(k, str) or k.startswith("_"):
+            raise ValueError(f"{where}.{k}: Hydra directives and targets are not allowed in a run's config")
+        _check_plain(v, f"{where}.{k}")
+    return dict(value)
 
-    Args:
-        node: the config node (a dict with ``_target_`` and plain settings).
-        key: which node (a key of :data:`RUN_TARGETS`), for the allow-list and messages.
-        source: the config file, named in errors.
-        **overrides: settings that replace the node's (``pretrained=False``).
 
-    Raises:
-        ValueError: another ``_target_``, a Hydra directive (``_args_``, ``_partial_``, ...), a nested
-            node, or a setting that would read files; nothing is called then.
-    """
-    where = f"{source}: {key}"
+@dataclass
+class _CheckedNode:
+    """A node that passed the allow-list: its target, its settings (nested nodes checked too) and its place."""
+
+    target: str
+    settings: dict
+    where: str
+
+
+def _check_node(node, key: str, where: str) -> _CheckedNode:
+    """Checks one node, and every node it nests, against the allow-list; builds nothing."""
     if not isinstance(node, dict):
         raise ValueError(f"{where}: expected a mapping with _target_, got {type(node).__name__}")
     target = node.get("_target_")
     if target not in RUN_TARGETS[key]:
         raise ValueError(f"{where}._target_ is {target!r}; a run's config may only build "
-                         f"{' or '.join(RUN_TARGETS[key])}. Refusing to load it: a run folder from elsewhere "
+                         f"{' or '.join(RUN_TARGETS[key])} here. Refusing to load it: a run folder from elsewhere "
                          "could otherwise run any code")
-    kwargs = {}
+    nested, mappings = _NESTED.get(key, {}), _MAPPINGS.get(key, ())
+    settings = {}
     for k, v in node.items():
         if k == "_target_":
             continue
@@ -175,11 +215,44 @@ def build_from_run_config(node, key: str, source: str | Path, **overrides):
             raise ValueError(f"{where}.{k}: Hydra directives are not allowed in a run's config")
         if key == "backbone" and k in _FORBIDDEN_BACKBONE_KEYS:
             raise ValueError(f"{where}.{k}: not allowed in a run's config (the weights come from the checkpoint)")
-        _check_plain(v, f"{where}.{k}")
-        kwargs[k] = list(v) if isinstance(v, tuple) else v
-    module_name, _, cls_name = target.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**{**kwargs, **overrides})
+        if k in nested:
+            settings[k] = _check_node(v, nested[k], f"{where}.{k}")
+        elif k in mappings:
+            settings[k] = _check_mapping(v, f"{where}.{k}")
+        else:
+            _check_plain(v, f"{where}.{k}")
+            settings[k] = list(v) if isinstance(v, tuple) else v
+    return _CheckedNode(target, settings, where)
+
+
+def _construct(node: _CheckedNode, overrides: dict):
+    settings = {k: _construct(v, {}) if isinstance(v, _CheckedNode) else v for k, v in node.settings.items()}
+    try:
+        return _BUILDERS[node.target](**{**settings, **overrides})
+    except TypeError as e:  # a setting the target does not take
+        raise ValueError(f"{node.where}: {node.target} cannot be built from these settings ({e})") from e
+    except ValueError as e:  # a setting the target refuses (an unknown evidence head, ...)
+        raise ValueError(f"{node.where}: {e}") from e
+
+
+def build_from_run_config(node, key: str, source: str | Path, **overrides):
+    """Builds one model node of a run's ``config.yaml`` without Hydra, allowing only geoloc's own targets.
+
+    The network node nests its ``backbone`` and ``location_encoder`` nodes, each checked against its own
+    allow-list. Every node is built as architecture only (see the module docstring).
+
+    Args:
+        node: the config node (a dict with ``_target_`` and plain settings).
+        key: which node (a key of :data:`RUN_TARGETS`), for the allow-list and messages.
+        source: the config file, named in errors.
+        **overrides: settings that replace the node's (``num_cells=...``).
+
+    Raises:
+        ValueError: another ``_target_`` (at any depth), a Hydra directive (``_args_``, ``_partial_``, ...), an
+            interpolation, a nested node where a plain value belongs, or a setting that would read files;
+            nothing is called then.
+    """
+    return _construct(_check_node(node, key, f"{source}: {key}"), overrides)
 
 
 def read_run_config(path: Path) -> dict:
@@ -193,10 +266,36 @@ def read_run_config(path: Path) -> dict:
         run = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable YAML run config ({type(e).__name__})") from e
-    missing = [k for k in ("cells", "backbone", "model") if not isinstance(run, dict) or k not in run]
+    missing = [k for k in ("cells", "model") if not isinstance(run, dict) or k not in run]
     if missing or not isinstance(run.get("model"), dict):
         raise ValueError(f"{path}: not a train.py run config (missing {missing or ['model']})")
+    if "net" not in run["model"] and "backbone" not in run:  # older runs: no network node, a top-level backbone
+        raise ValueError(f"{path}: not a train.py run config (missing model.net)")
     return run
+
+
+def network_from_run_config(run: dict, source: str | Path, *, num_cells: int) -> GeoLocator:
+    """The network a run's config describes, as architecture only (its weights come from the checkpoint).
+
+    Args:
+        run: the run's config (:func:`read_run_config`).
+        source: the config file, named in errors.
+        num_cells: from the cells file.
+
+    Raises:
+        ValueError: a node that is not allowed (see :func:`build_from_run_config`), or an unknown evidence head.
+    """
+    model = run["model"]
+    if "net" in model:
+        return build_from_run_config(model["net"], "model.net", source, num_cells=num_cells)
+    # a run saved before the network had its own node: its top-level backbone and model.location_encoder
+    backbone = build_from_run_config(run.get("backbone"), "backbone", source)
+    location_encoder = build_from_run_config(model.get("location_encoder"), "model.location_encoder", source)
+    evidence = _check_mapping(model.get("evidence"), f"{source}: model.evidence")
+    try:
+        return build_geolocator(backbone, location_encoder, num_cells=num_cells, evidence_heads=evidence)
+    except ValueError as e:
+        raise ValueError(f"{source}: model.evidence: {e}") from e
 
 
 def check_cells(cells: Geocells, ckpt: dict, *, ckpt_path: str | Path, run_cells: str | None = None) -> None:
@@ -238,10 +337,8 @@ def load_checkpoint(ckpt: str | Path, *, cells: str | Path | None = None, device
     Raises:
         FileNotFoundError: the checkpoint, the run config or the cells file is missing.
         ValueError: a damaged or foreign file, a run config that names anything but geoloc's model
-            classes, cells other than the checkpoint's, or weights that do not fit the config.
+            targets, cells other than the checkpoint's, or weights that do not fit the config.
     """
-    from geoloc.evidence.labels import evidence_head_sizes
-
     if ckpt is None or str(ckpt) in ("", "None", "null"):
         raise ValueError("no checkpoint given: set ckpt=RUN/checkpoints/best.ckpt (a file written by train.py)")
     ckpt = Path(ckpt)
@@ -253,14 +350,7 @@ def load_checkpoint(ckpt: str | Path, *, cells: str | Path | None = None, device
     cells_path = str(cells) if cells else run_cells
     geocells = Geocells.load(cells_path)
     check_cells(geocells, checkpoint, ckpt_path=ckpt, run_cells=run_cells)
-    backbone = build_from_run_config(run["backbone"], "backbone", cfg_path, pretrained=False)
-    location_encoder = build_from_run_config(run["model"].get("location_encoder"), "model.location_encoder",
-                                             cfg_path)
-    evidence = run["model"].get("evidence")
-    if evidence is not None and not isinstance(evidence, dict):
-        raise ValueError(f"{cfg_path}: model.evidence must map head names to loss weights")
-    heads = evidence_head_sizes(evidence)
-    net = GeoLocator(backbone, location_encoder, num_cells=len(geocells), dropout=0.0, evidence_heads=heads)
+    net = network_from_run_config(run, cfg_path, num_cells=len(geocells))
     net_state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     try:
         net.load_state_dict(net_state)
@@ -269,4 +359,4 @@ def load_checkpoint(ckpt: str | Path, *, cells: str | Path | None = None, device
         raise ValueError(f"{ckpt}: its weights do not fit the network {cfg_path} describes ({' '.join(first[:2])[:300]}"
                          "); the config.yaml beside it must be the one train.py wrote for this run") from e
     net.eval().to(dev)
-    return LoadedModel(net, geocells, cells_path, dict(backbone.data_config), run, ckpt)
+    return LoadedModel(net, geocells, cells_path, dict(net.image_encoder.data_config), run, ckpt)

@@ -196,7 +196,10 @@ class LocationEncoder(nn.Module):
 
     @classmethod
     def from_geoclip(cls, path: str | Path | None = None) -> LocationEncoder:
-        """GeoCLIP's architecture with its released weights.
+        """GeoCLIP's architecture with its released weights: what ``model/location_encoder=geoclip`` trains from.
+
+        A run trained from it is rebuilt with the plain architecture (``LocationEncoder(**GEOCLIP_CONFIG)``):
+        its checkpoint holds the weights, and loading it never reads this file.
 
         Args:
             path: a GeoCLIP location-encoder state dict; None: the one shipped in the ``geoclip`` package.

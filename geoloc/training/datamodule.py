@@ -1,10 +1,16 @@
-"""DataModule: geotagged photos in, ``{"image", "latlng", "cell", "key"}`` batches out.
+"""DataModule: geotagged photos in, ``{"image", "latlng", "cell", "key", "evidence/<head>", "skipped"}``
+batches out.
 
 Sources are the readers of :mod:`geoloc.data` (a :class:`~geoloc.data.readers.GeoDataset` is read as a
 map-style dataset with a seeded per-epoch sampler that also splits by rank) or webdataset shards
 (:class:`~geoloc.data.shards.ShardDataset` streams through :func:`~geoloc.data.shards.make_webdataset`,
-split by node and by worker). Cell labels are assigned on load, batch by batch, through the geocells'
-H3 index. Photos that cannot be decoded are dropped from their batch and counted (``skipped``).
+split by node and by worker). Both yield the sample dicts of :func:`~geoloc.data.transforms.decode_sample`;
+a photo that cannot be used is a :func:`~geoloc.data.transforms.bad_sample` marker that the collate drops
+and counts (``skipped``).
+
+Evidence labels are computed once, not per batch: a shard record carries its own (written at sharding
+time), and a table's are looked up for all its rows at :meth:`GeoDataModule.setup`. Cell labels are
+assigned batch by batch through the geocells' H3 index.
 
 Augmentation follows GeoCLIP: random resized crop, horizontal flip, colour jitter, random grayscale;
 evaluation uses timm's own transform for the backbone.
@@ -13,35 +19,55 @@ evaluation uses timm's own transform for the backbone.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from geoloc.data.images import ImageError, decode_image
+from geoloc.data.images import ImageError
 from geoloc.data.readers import GeoDataset
-from geoloc.data.transforms import eval_transform, train_transform
+from geoloc.data.transforms import bad_sample, decode_sample, eval_transform, is_bad_sample, train_transform
 from geoloc.geo.cells import Geocells
 
 
+def table_evidence_labels(ds: GeoDataset, heads: Sequence[str]) -> dict[str, np.ndarray]:
+    """Every row's label for each evidence head, in one vectorized pass over the table.
+
+    The scene comes from the table's ``S3_Label`` column (masked where it has none).
+
+    Returns:
+        ``{head: (N,) int16}``, -1 where masked.
+    """
+    from geoloc.evidence.labels import evidence_labels
+
+    if not heads:
+        return {}
+    scene = ds.table["S3_Label"].to_numpy() if "S3_Label" in ds.table.columns else None
+    table = evidence_labels(ds.latlng, scene=scene)
+    return {head: table[head].to_numpy(np.int16) for head in heads}
+
+
 class _Photos(Dataset):
-    """Map-style view of a GeoDataset: ``(image tensor, latlng, key)`` (with ``scene``, plus the row's
-    ``S3_Label`` scene label, -1 where it has none), or a dict naming a bad photo.
+    """Map-style view of a GeoDataset: the samples of :func:`~geoloc.data.transforms.decode_sample`, or a
+    :func:`~geoloc.data.transforms.bad_sample` marker for a photo that does not decode.
 
     Index ``k`` means photo ``k % N`` in epoch ``k // N`` (see :class:`EpochSampler`); its random
     augmentation is seeded by ``(seed, k)``, so a resumed run sees exactly the same pixels.
+
+    Args:
+        ds: the table.
+        transform: applied to each decoded image.
+        seed: augmentation seed.
+        labels: ``{head: (N,) labels}`` of every row (:func:`table_evidence_labels`).
     """
 
-    def __init__(self, ds: GeoDataset, transform, seed: int = 0, scene: bool = False):
-        from geoloc.data.shards import scene_label
-
+    def __init__(self, ds: GeoDataset, transform, seed: int = 0, labels: dict[str, np.ndarray] | None = None):
         self.paths = ds.table["path"].to_numpy()
-        col = ds.table["S3_Label"] if "S3_Label" in ds.table.columns else None
-        self.scene = (np.array([scene_label(v) for v in col], np.int64) if col is not None
-                      else np.full(len(self.paths), -1, np.int64)) if scene else None
         self.latlng = ds.latlng.astype(np.float32)
         self.keys = ds.table["key"].to_numpy()
+        self.labels = dict(labels or {})
         self.transform = transform
         self.max_pixels = ds.max_pixels
         self.seed = seed
@@ -49,18 +75,16 @@ class _Photos(Dataset):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, k: int):
+    def __getitem__(self, k: int) -> dict:
         i = k % len(self.keys)
+        key = str(self.keys[i])
         try:
-            img = decode_image(self.paths[i], max_pixels=self.max_pixels)
+            return decode_sample(self.paths[i], key=key, latlng=self.latlng[i],
+                                 labels={head: int(v[i]) for head, v in self.labels.items()},
+                                 transform=self.transform, max_pixels=self.max_pixels,
+                                 seed=self.seed * 1_000_003 + k)
         except ImageError as e:
-            return {"bad": e.reason, "key": str(self.keys[i])}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + k)
-            x = self.transform(img)
-        if self.scene is not None:
-            return x, torch.from_numpy(self.latlng[i]), str(self.keys[i]), int(self.scene[i])
-        return x, torch.from_numpy(self.latlng[i]), str(self.keys[i])
+            return bad_sample(key, e.reason)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -90,37 +114,45 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class Collate:
-    """Stacks a batch, drops bad photos, assigns geocell labels and, for the evidence heads asked for, their
-    labels from the coordinates (``evidence/<head>``, -1 where masked). The ``scene`` label comes from the
-    samples' fourth element when they carry one (masked otherwise). Dropped photos are counted in
-    ``skipped`` and listed in the batch's ``skipped`` (``[(key, reason)]``), so that a training run can
-    report them even when the collate runs in a worker process."""
+    """Stacks decoded samples into a batch and drops the bad ones.
 
-    def __init__(self, cells: Geocells, evidence_heads: tuple[str, ...] = ()):
+    Batch keys: ``image [B, 3, H, W]``, ``latlng [B, 2]``, ``cell [B]`` (assigned through the cells),
+    ``key`` (B image ids), ``evidence/<head> [B]`` for each evidence head (the samples' own labels, -1
+    where masked) and ``skipped`` (``[(key, reason)]`` of the dropped photos). Dropped photos are also
+    counted in ``skipped``; the batch's list lets a training run report them even when the collate runs
+    in a worker process.
+
+    Args:
+        cells: the geocells.
+        evidence_heads: the heads whose labels each sample carries.
+    """
+
+    def __init__(self, cells: Geocells, evidence_heads: Sequence[str] = ()):
         self.cells = cells
         self.evidence_heads = tuple(evidence_heads)
         self.skipped: Counter = Counter()
 
     def __call__(self, samples: list) -> dict:
-        good = [s for s in samples if not isinstance(s, dict)]
-        bad = [(str(s.get("key", "?")), str(s["bad"])) for s in samples if isinstance(s, dict)]
+        good = [s for s in samples if not is_bad_sample(s)]
+        bad = [(str(s["key"]), str(s["bad"])) if s is not None else ("?", "unusable")
+               for s in samples if is_bad_sample(s)]
         for _, reason in bad:
             self.skipped[reason] += 1
         if not good:
             return {"image": torch.zeros(0), "latlng": torch.zeros(0, 2), "cell": torch.zeros(0, dtype=torch.long),
                     "key": [], "skipped": bad,
                     **{f"evidence/{h}": torch.zeros(0, dtype=torch.long) for h in self.evidence_heads}}
-        images, latlng, keys, *rest = zip(*good)
-        latlng = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in latlng])
-        ll = latlng.numpy().astype(np.float64)
-        batch = {"image": torch.stack(images), "latlng": latlng, "cell": torch.from_numpy(self.cells.assign(ll)),
-                 "key": list(keys), "skipped": bad}
-        if self.evidence_heads:
-            from geoloc.evidence.labels import evidence_labels
-
-            labels = evidence_labels(ll, scene=np.asarray(rest[0]) if rest else None)
-            for h in self.evidence_heads:
-                batch[f"evidence/{h}"] = torch.from_numpy(labels[h].to_numpy(np.int64))
+        latlng = torch.stack([s["latlng"] for s in good])  # [B, 2]
+        cell = self.cells.assign(latlng.numpy().astype(np.float64))
+        batch = {"image": torch.stack([s["image"] for s in good]), "latlng": latlng, "cell": torch.from_numpy(cell),
+                 "key": [s["key"] for s in good], "skipped": bad}
+        for head in self.evidence_heads:
+            try:
+                batch[f"evidence/{head}"] = torch.tensor([s["labels"][head] for s in good], dtype=torch.long)
+            except KeyError as e:
+                key = next(s["key"] for s in good if head not in s.get("labels", {}))
+                raise ValueError(f"sample {key!r} carries no label for the evidence head {head!r}; its dataset "
+                                 "must give every head's label (GeoDataModule.set_evidence_heads)") from e
         return batch
 
 
@@ -130,7 +162,7 @@ class GeoDataModule(pl.LightningDataModule):
     Args:
         train: a GeoDataset or ShardDataset.
         val: a GeoDataset or ShardDataset.
-        cells_path: the geocells file (labels are assigned through it).
+        cells: the geocells (labels are assigned through them).
         batch_size: per process.
         num_workers: DataLoader workers per process.
         shuffle_buffer: samples shuffled in memory when streaming shards.
@@ -139,54 +171,59 @@ class GeoDataModule(pl.LightningDataModule):
         seed: shuffling seed.
     """
 
-    def __init__(self, train, val, cells_path: str, batch_size: int = 64, num_workers: int = 0,
+    def __init__(self, train, val, cells: Geocells, batch_size: int = 64, num_workers: int = 0,
                  shuffle_buffer: int = 1000, epoch_size: int | None = None, seed: int = 0):
         super().__init__()
         self.train_source, self.val_source = train, val
-        self.cells_path = cells_path
+        self.cells = cells
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle_buffer, self.epoch_size, self.seed = shuffle_buffer, epoch_size, seed
         self.data_config: dict | None = None
         self.evidence_heads: tuple[str, ...] = ()
-        self._cells: Geocells | None = None
+        self._labels: dict[str, dict[str, np.ndarray]] = {}
 
     def set_data_config(self, data_config: dict) -> None:
         """The backbone's preprocessing (input size, mean, std): set before the loaders are made."""
         self.data_config = dict(data_config)
 
-    def set_evidence_heads(self, heads) -> None:
-        """The evidence heads whose labels each batch carries (looked up from its coordinates)."""
+    def set_evidence_heads(self, heads: Sequence[str]) -> None:
+        """The evidence heads whose labels each batch carries."""
         self.evidence_heads = tuple(heads)
+        self._labels.clear()
 
-    @property
-    def cells(self) -> Geocells:
-        if self._cells is None:
-            self._cells = Geocells.load(self.cells_path)
-        return self._cells
+    def setup(self, stage: str | None = None) -> None:
+        """Looks up the evidence labels of every table-backed split once, for all its rows."""
+        for split in ("train", "val"):
+            self._table_labels(split)
 
-    def _loader(self, source, train: bool) -> DataLoader:
+    def _table_labels(self, split: str) -> dict[str, np.ndarray]:
+        source = self.train_source if split == "train" else self.val_source
+        if split not in self._labels and isinstance(source, GeoDataset):
+            self._labels[split] = table_evidence_labels(source, self.evidence_heads)
+        return self._labels.get(split, {})
+
+    def _loader(self, split: str) -> DataLoader:
         if self.data_config is None:
             raise RuntimeError("GeoDataModule.set_data_config(backbone.data_config) must be called first")
+        train = split == "train"
+        source = self.train_source if train else self.val_source
         transform = train_transform(self.data_config) if train else eval_transform(self.data_config)
-        collate = Collate(self.cells, self.evidence_heads)
-        scene = "scene" in self.evidence_heads
-        common = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
-                      persistent_workers=self.num_workers > 0)
+        common = dict(batch_size=self.batch_size, num_workers=self.num_workers,
+                      collate_fn=Collate(self.cells, self.evidence_heads), persistent_workers=self.num_workers > 0)
         if isinstance(source, GeoDataset):
             rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
             sampler = EpochSampler(len(source), seed=self.seed, shuffle=train, rank=rank, world_size=world)
-            return DataLoader(_Photos(source, transform, seed=self.seed, scene=scene), sampler=sampler,
-                              drop_last=train,
-                              **common)
+            photos = _Photos(source, transform, seed=self.seed, labels=self._table_labels(split))
+            return DataLoader(photos, sampler=sampler, drop_last=train, **common)
         from geoloc.data.shards import make_webdataset
 
-        stream = make_webdataset(source.shards, shuffle=self.shuffle_buffer if train else 0, scene=scene,
-                                 seed=self.seed, transform=transform, epoch_size=self.epoch_size if train else None,
-                                 mark_bad=True)
+        stream = make_webdataset(source.shards, shuffle=self.shuffle_buffer if train else 0, seed=self.seed,
+                                 transform=transform, epoch_size=self.epoch_size if train else None,
+                                 evidence_heads=self.evidence_heads, mark_bad=True)
         return DataLoader(stream, **common)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_source, train=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_source, train=False)
+        return self._loader("val")

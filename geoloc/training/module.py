@@ -4,11 +4,15 @@ Losses (tensor-only modules in :mod:`geoloc.losses`):
 
 * geocell classification against haversine-smoothed labels (PIGEON, tau in km);
 * image-GPS InfoNCE (GeoCLIP): each image against its own GPS and a queue of GPS negatives that are
-  re-encoded with the current location encoder every step.
+  re-encoded with the current location encoder every step;
+* per evidence head, cross-entropy against the batch's ``evidence/<head>`` labels (masked ones left out).
+
+Validation metrics are torchmetrics (:class:`~geoloc.training.metrics.DistanceMetrics`, ``MeanMetric``), so
+that under DDP they are those of every rank's photos together.
 
 Logged keys: ``train/loss``, ``train/lr``, ``train/loss_cell``, ``train/loss_gps``, ``train/gps_acc``,
-``train/logit_scale``, ``val/loss_cell``, ``val/acc_{1,25,200,750,2500}km``, ``val/median_km``,
-``val/mean_km``, ``val/geoscore``.
+``train/logit_scale``, ``train/loss_ev_<head>``, ``val/loss_cell``, ``val/acc_{1,25,200,750,2500}km``,
+``val/median_km``, ``val/mean_km``, ``val/geoscore``, ``val/n``, ``val/acc_ev_<head>``.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from collections.abc import Callable
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from torchmetrics import MeanMetric
 
-from geoloc.evaluation.metrics import distance_metrics
-from geoloc.geo import haversine_km
+from geoloc.geo.cells import Geocells
 from geoloc.losses import GPSContrastiveLoss, GPSQueue, HaversineSmoothingLoss, gather_latlng
 from geoloc.models.geolocator import GeoLocator
+from geoloc.training.metrics import DistanceMetrics
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.01) -> Callable[[int], float]:
@@ -42,8 +47,10 @@ class GeoLocModule(pl.LightningModule):
     """Trains a :class:`GeoLocator`.
 
     Args:
-        model: the network.
-        cell_centroids: ``[C, 2]`` geocell centroids (from the cells file).
+        model: the network (its weights are saved under ``model.*`` in checkpoints).
+        cells: the geocells its head classifies into: their centroids for the smoothed labels and the
+            guesses, their fingerprint (:meth:`~geoloc.geo.cells.Geocells.fingerprint`) saved in every
+            checkpoint (``checkpoint["geoloc"]``) so that loading refuses other cells.
         optimizer: partial optimizer (``params`` missing), e.g. ``torch.optim.AdamW``.
         tau_km: haversine smoothing temperature; 0 gives hard labels.
         loss_weights: ``{"cell": w, "gps": w}``; a zero weight skips that loss.
@@ -52,16 +59,13 @@ class GeoLocModule(pl.LightningModule):
         warmup_steps: linear warmup before the cosine decay (which spans the whole run).
         evidence_weights: ``{head: w}``: cross-entropy of each evidence head of the model against the
             batch's ``evidence/<head>`` labels (masked labels, -1, left out), weighted into the loss.
-        cells_fingerprint: :meth:`geoloc.geo.cells.Geocells.fingerprint` of the cells the head classifies into;
-            saved in every checkpoint (``checkpoint["geoloc"]``) so that loading refuses other cells.
     """
 
-    def __init__(self, model: GeoLocator, cell_centroids: torch.Tensor, optimizer: Callable,
-                 tau_km: float = 65.0, loss_weights: dict | None = None, queue_size: int = 4096,
-                 temperature: float = 0.07, warmup_steps: int = 100, evidence_weights: dict | None = None,
-                 cells_fingerprint: str | None = None):
+    def __init__(self, model: GeoLocator, cells: Geocells, optimizer: Callable, tau_km: float = 65.0,
+                 loss_weights: dict | None = None, queue_size: int = 4096, temperature: float = 0.07,
+                 warmup_steps: int = 100, evidence_weights: dict | None = None):
         super().__init__()
-        self.cells_fingerprint = cells_fingerprint
+        self.cells_fingerprint = cells.fingerprint()
         loss_weights = {str(k): float(v) for k, v in (loss_weights or {}).items()}  # plain types only, so
         # checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({"tau_km": float(tau_km), "loss_weights": loss_weights,
@@ -69,7 +73,7 @@ class GeoLocModule(pl.LightningModule):
                                    "warmup_steps": int(warmup_steps),
                                    "evidence_weights": {str(k): float(v) for k, v in (evidence_weights or {}).items()}})
         self.model = model
-        self.cell_loss = HaversineSmoothingLoss(torch.as_tensor(cell_centroids, dtype=torch.float32), tau_km=tau_km)
+        self.cell_loss = HaversineSmoothingLoss(torch.tensor(cells.centroids, dtype=torch.float32), tau_km=tau_km)
         self.gps_loss = GPSContrastiveLoss(init_temperature=temperature)
         self.queue = GPSQueue(queue_size)
         self.weights = {"cell": 1.0, "gps": 1.0, **(loss_weights or {})}
@@ -77,7 +81,8 @@ class GeoLocModule(pl.LightningModule):
                                  if float(w) > 0 and h in model.evidence}
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
-        self._val_dist: list[torch.Tensor] = []
+        self.val_distance = DistanceMetrics()
+        self.val_acc_ev = torch.nn.ModuleDict({h: MeanMetric() for h in self.evidence_weights})
         self.trained_batches = 0  # batches that had photos, in this process (train.py checks some ran)
 
     @property
@@ -152,24 +157,18 @@ class GeoLocModule(pl.LightningModule):
             labels = batch.get(f"evidence/{head}")
             if labels is not None and (labels >= 0).any():
                 known = labels >= 0
-                acc = (out[f"evidence/{head}"][known].argmax(-1) == labels[known]).float().mean() * 100
-                self.log(f"val/acc_ev_{head}", acc, batch_size=int(known.sum()), sync_dist=True)
-        guess = self.centroids[out["cell_logits"].argmax(-1)]
-        self._val_dist.append(haversine_km(guess.double(), batch["latlng"].double()))
+                correct = (out[f"evidence/{head}"][known].argmax(-1) == labels[known]).float() * 100
+                self.val_acc_ev[head].update(correct)
+                self.log(f"val/acc_ev_{head}", self.val_acc_ev[head], on_step=False, on_epoch=True)
+        self.val_distance.update(self.centroids[out["cell_logits"].argmax(-1)], batch["latlng"])
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_dist:
+        if self.trainer.world_size == 1 and not self.val_distance.update_called:
+            return  # no photo was scored (every one unreadable): nothing to log
+        m = self.val_distance.compute()  # gathered over every rank's photos
+        self.val_distance.reset()
+        if m["n"] == 0:
             return
-        d = torch.cat(self._val_dist)
-        self._val_dist.clear()
-        if self.trainer.world_size > 1:  # metrics over every rank's photos (padded to equal length)
-            n = torch.tensor([len(d)], device=d.device)
-            sizes = self.all_gather(n).flatten()
-            padded = torch.full((int(sizes.max()),), float("nan"), dtype=d.dtype, device=d.device)
-            padded[: len(d)] = d
-            d = self.all_gather(padded).flatten()
-            d = d[~torch.isnan(d)]
-        m = distance_metrics(d.cpu().numpy())
         self.log_dict({f"val/{k}": float(v) for k, v in m.items() if k != "n" and np.isfinite(v)}, sync_dist=False)
         self.log("val/n", float(m["n"]))
 

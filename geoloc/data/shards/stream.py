@@ -8,8 +8,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from geoloc.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from geoloc.data.shards.reader import _parse_record, resolve_shards
+from geoloc.data.images import DEFAULT_MAX_PIXELS, ImageError
+from geoloc.data.shards.reader import parse_record, resolve_shards
+from geoloc.data.transforms import bad_sample, decode_sample
 
 # ---------------------------------------------------------------------------------------------- training
 
@@ -23,17 +24,44 @@ def scene_label(value) -> int:
     return int(v) if v in (0.0, 1.0, 2.0) else -1
 
 
-class _DecodeSample:
-    """Webdataset map stage: a raw sample dict to ``(image_or_transformed, latlng (2,) float32, key)``, and
-    with ``scene`` the sample's :func:`scene_label` as a fourth element. With ``mark_bad`` a sample whose
-    record or photo is unusable becomes ``{"bad": reason, "key": ...}`` (what the training collate counts
-    and reports) instead of an exception for the handler."""
+def _check_labels(labels: dict, n_classes: dict[str, int], where: str) -> dict[str, int] | None:
+    """A record's stored labels for the heads of ``n_classes`` (``{head: number of classes}``); None when it
+    lacks one of them."""
+    out = {}
+    for head, n in n_classes.items():
+        value = labels.get(head)
+        if value is None:
+            return None
+        if not -1 <= value < n:
+            raise ValueError(f"{where}.json: labels.{head} is {value!r}; expected -1 (masked) or a class index "
+                             f"below {n}")
+        out[head] = value
+    return out
 
-    def __init__(self, transform: Callable | None, max_pixels: int, scene: bool = False, mark_bad: bool = False):
+
+class _DecodeSample:
+    """Webdataset map stage: a raw sample (its ``jpg`` and ``json`` members) to the sample dict of
+    :func:`~geoloc.data.transforms.decode_sample`.
+
+    The evidence labels of ``evidence_heads`` come from the record's ``labels`` (written at sharding time);
+    records without them (shards written before records carried labels, or labelled by another evidence
+    version) get them computed here from the record's coordinates and ``S3_Label``, one point at a time
+    (slower: write the shards again to store them). With ``mark_bad`` a sample whose record or photo is
+    unusable becomes a :func:`~geoloc.data.transforms.bad_sample` marker (what the training collate counts
+    and reports) instead of an exception for the handler.
+    """
+
+    def __init__(self, transform: Callable | None, max_pixels: int, evidence_heads: Sequence[str] = (),
+                 mark_bad: bool = False):
         self.transform = transform
         self.max_pixels = max_pixels
-        self.scene = scene
+        self.evidence_heads = tuple(evidence_heads)
         self.mark_bad = mark_bad
+        self.n_classes = {}
+        if self.evidence_heads:
+            from geoloc.evidence.labels import HEADS
+
+            self.n_classes = {head: len(HEADS[head]) for head in self.evidence_heads}
 
     def __call__(self, sample: dict):
         if not self.mark_bad:
@@ -45,20 +73,29 @@ class _DecodeSample:
                 key = str(json.loads(sample["json"])["key"])
             except (KeyError, TypeError, ValueError):
                 key = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
-            return {"bad": e.reason if isinstance(e, ImageError) else "bad_record", "key": key}
+            return bad_sample(key, e.reason if isinstance(e, ImageError) else "bad_record")
 
-    def _decode(self, sample: dict):
-        import torch
-
+    def _decode(self, sample: dict) -> dict:
         where = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
-        key, latlng, meta = _parse_record(sample.get("json"), where)
+        record = parse_record(sample.get("json"), where)
         if "jpg" not in sample:
             raise ValueError(f"{where}: no .jpg member")
-        image = decode_image(sample["jpg"], name=f"{where}.jpg", max_pixels=self.max_pixels)
-        x = self.transform(image) if self.transform is not None else image
-        if self.scene:
-            return x, torch.tensor(latlng, dtype=torch.float32), key, scene_label(meta.get("S3_Label"))
-        return x, torch.tensor(latlng, dtype=torch.float32), key
+        labels = self._labels(record, where) if self.evidence_heads else {}
+        return decode_sample(sample["jpg"], key=record["key"], latlng=record["latlng"], labels=labels,
+                             transform=self.transform, max_pixels=self.max_pixels, name=f"{where}.jpg")
+
+    def _labels(self, record: dict, where: str) -> dict[str, int]:
+        stored = record["labels"]
+        labels = _check_labels(stored, self.n_classes, where) if stored is not None else None
+        if labels is not None:
+            return labels
+        import numpy as np
+
+        from geoloc.evidence.labels import evidence_labels
+
+        scene = scene_label(record["meta"].get("S3_Label"))
+        table = evidence_labels(np.array([record["latlng"]]), scene=[scene])
+        return {head: int(table[head].iloc[0]) for head in self.evidence_heads}
 
 
 class SkipCounter:
@@ -87,15 +124,15 @@ def make_webdataset(urls: str | Path | Sequence[str | Path], *, split: str | Non
                     seed: int = 0, resampled: bool = False, transform: Callable | None = None,
                     epoch_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                     handler: Callable[[Exception], bool] | None = None, empty_check: bool = True,
-                    scene: bool = False, mark_bad: bool = False):
+                    evidence_heads: Sequence[str] = (), mark_bad: bool = False):
     """The training stream over shards: a ``webdataset.WebDataset`` pipeline.
 
     Stages: shard list -> ``wds.split_by_node`` -> ``wds.split_by_worker`` -> seeded shard shuffle ->
-    tar reading -> seeded sample shuffle buffer (``shuffle`` samples) -> decode. Each element is a tuple
-    ``(x, latlng, key)``: ``x`` is the upright RGB ``PIL.Image`` or ``transform(image)``, ``latlng`` a
-    float32 tensor ``(2,)`` ``[lat, lng]`` in degrees, ``key`` the original image id; with ``scene`` a
-    fourth element, the ``S3_Label`` of the source row (-1 when it has none). Give a ``transform``
-    returning tensors to use torch's default collate.
+    tar reading -> seeded sample shuffle buffer (``shuffle`` samples) -> decode. Each element is the dict of
+    :func:`~geoloc.data.transforms.decode_sample`: ``image`` (the upright RGB ``PIL.Image``, or
+    ``transform(image)``), ``latlng`` (a float32 tensor ``(2,)``, ``[lat, lng]`` degrees), ``key`` (the
+    original image id) and ``labels`` (``{head: class index}`` for ``evidence_heads``, -1 where masked).
+    Give a ``transform`` returning tensors to use torch's default collate.
 
     Splitting (webdataset 1.0.2): shards are dealt out *before* shuffling, in the order given: rank ``r``
     of ``W`` (``RANK``/``WORLD_SIZE`` from the environment if both are set, else ``torch.distributed`` if
@@ -128,9 +165,11 @@ def make_webdataset(urls: str | Path | Sequence[str | Path], *, split: str | Non
         handler: called with each exception from a bad shard or sample; returns True to skip it. Defaults
             to a :class:`SkipCounter`, available as the returned pipeline's ``skip_counter``.
         empty_check: raise when a worker's stream turns out empty (webdataset's check).
-        scene: also yield each sample's scene label (for the ``scene`` evidence head).
-        mark_bad: yield ``{"bad": reason, "key": id}`` for a sample whose record or photo is unusable,
-            instead of passing it to ``handler`` (the training collate drops, counts and reports these).
+        evidence_heads: the evidence heads whose labels each sample carries: the record's own ``labels``,
+            or for shards written without them, computed from its coordinates and ``S3_Label``.
+        mark_bad: yield a :func:`~geoloc.data.transforms.bad_sample` marker (``{"key", "bad": reason}``) for a
+            sample whose record or photo is unusable, instead of passing it to ``handler`` (the training
+            collate drops, counts and reports these).
 
     Returns:
         An iterable ``webdataset.WebDataset``, usable as a torch ``IterableDataset``.
@@ -152,7 +191,7 @@ def make_webdataset(urls: str | Path | Sequence[str | Path], *, split: str | Non
                         empty_check=empty_check)
     if shuffle and shuffle > 1:
         ds = ds.compose(wds.detshuffle(int(shuffle), initial=min(int(shuffle), 100), seed=seed))
-    ds = ds.map(_DecodeSample(transform, max_pixels, scene, mark_bad), handler=handler)
+    ds = ds.map(_DecodeSample(transform, max_pixels, evidence_heads, mark_bad), handler=handler)
     if epoch_size is not None:
         ds = ds.with_epoch(int(epoch_size))
     ds.skip_counter = counter
