@@ -124,7 +124,7 @@ def main() -> None:
 def report(out: Path, heads: list[str]) -> None:
     from geoloc.evidence.labels import dataset_evidence_labels, evidence_labels
     from geoloc.evidence.verbalize import verify_chain
-    from geoloc.inference.predictor import ModelPredictor
+    from geoloc.inference.predictor import build_predictor
 
     ckpt = out / "runs" / "evidence" / "checkpoints" / "last.ckpt"
     plain = out / "runs" / "plain" / "checkpoints" / "last.ckpt"
@@ -137,7 +137,7 @@ def report(out: Path, heads: list[str]) -> None:
     tuned = json.loads(wfile.read_text())
 
     # --- the heads on the test fold
-    pred = ModelPredictor(str(ckpt), refine="evidence", evidence_weights=str(wfile), explain=True, topk=5)
+    pred = build_predictor(str(ckpt), refine="evidence", evidence_weights=str(wfile), explain=True, topk=5)
     images, latlng, keys, scene = _photos(_fold(4))
     t = time.perf_counter()
     net_out = pred.forward(images)

@@ -82,14 +82,14 @@ def main() -> None:
 
     from geoloc.data.images import decode_image
     from geoloc.data.readers import read_sample
-    from geoloc.inference.predictor import ModelPredictor
+    from geoloc.inference.predictor import build_predictor
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_predict."))
     ckpt, cfg = _fake_run(tmp, args.backbone)
     paths = _photos(args.batch)
     name = cfg.backbone.name
     bare = timm.create_model(name, pretrained=False, num_classes=0).eval()
-    predictors = {"none": ModelPredictor(str(ckpt), batch_size=args.batch)}
+    predictors = {"none": build_predictor(str(ckpt), batch_size=args.batch)}
     x = torch.stack([predictors["none"].transform(decode_image(p)) for p in paths])
     try:
         from geoloc.retrieval.index import RetrievalIndex
@@ -102,11 +102,14 @@ def main() -> None:
                                         batch_size=args.batch)
         index_build_s = time.perf_counter() - t
         index.save(tmp / "run" / "index_v1")
-        predictors["prototypes"] = ModelPredictor(str(ckpt), refine="prototypes", batch_size=args.batch)
+        predictors["prototypes"] = build_predictor(str(ckpt), refine="prototypes", batch_size=args.batch)
     except ImportError:
         index_build_s = None
-    predictors["gallery"] = ModelPredictor(str(ckpt), refine="gallery", batch_size=args.batch)
-    predictors["none_compiled"] = ModelPredictor(str(ckpt), batch_size=args.batch, compile=True)
+    from geoloc.prepare.gallery import build as build_gallery
+
+    build_gallery(ckpt)  # the 100K MP-16 gallery, embedded once (python -m geoloc gallery)
+    predictors["gallery"] = build_predictor(str(ckpt), refine="gallery", batch_size=args.batch)
+    predictors["none_compiled"] = build_predictor(str(ckpt), batch_size=args.batch, compile=True)
 
     def time_bare() -> float:
         with torch.inference_mode():

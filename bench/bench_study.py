@@ -138,6 +138,8 @@ def main() -> None:
         _run([PY, "-m", "geoloc", "index", f"ckpt={ckpt['contrastive']}", "data=im2gps3k",
               f"data.root={SHARED / 'im2gps3k-dev'}", "data.folds=5", "data.fold=[0,1,2]", f"out={index}"],
              out / "index.log")
+    if not (out / "runs" / "contrastive" / "gallery_v1.npz").is_file():  # the 100K MP-16 GPS gallery, embedded once
+        _run([PY, "-m", "geoloc", "gallery", f"ckpt={ckpt['contrastive']}"], out / "gallery.log")
 
     model = ["predictor=model", "data.reference.source=mp16_gallery"]
     # temperatures chosen on the validation fold (3) by GeoScore; the test fold (4) is only reported

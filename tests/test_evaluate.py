@@ -148,6 +148,41 @@ def test_resume_after_kill_matches_clean_run(tmp_path):
     assert len(pd.read_csv(out / "skipped.csv")) == 2
 
 
+class Explaining:
+    """A predictor with ``explain`` on: one small reasoning chain per photo beside each prediction."""
+
+    explain = True
+
+    def __init__(self, inner):
+        self.inner, self.name, self.needs_images = inner, inner.name, inner.needs_images
+
+    def predict(self, images, keys):
+        pred = self.inner.predict(images, keys)
+        pred.explanations = [{"stages": [], "text": f"why {k}", "score": float("nan")} for k in keys]
+        return pred
+
+    def describe(self):
+        return {**self.inner.describe(), "explain": True}
+
+
+def test_explanations_survive_a_kill_and_resume(tmp_path):
+    ds, rows = make_bench(tmp_path)
+    ref = np.array([r[2:] for r in rows])
+    out = tmp_path / "ex"
+    dying = Exploding(Explaining(PriorPredictor(ref)), after=2)
+    dying.explain = True
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ds, dying, out, batch_size=4, progress=False)
+    assert len((out / "explanations.jsonl").read_text().splitlines()) == 8  # two batches, fsynced
+    with open(out / "explanations.jsonl", "a") as f:  # a kill in the middle of a chain
+        f.write('{"IMG_ID": "img0')
+    evaluate(ds, Explaining(PriorPredictor(ref)), out, batch_size=4, progress=False)
+    chains = [json.loads(line) for line in (out / "explanations.jsonl").read_text().splitlines()]
+    keys = pd.read_csv(out / "predictions.csv", dtype={"IMG_ID": str})["IMG_ID"].tolist()
+    assert [c["IMG_ID"] for c in chains] == keys and len(keys) == 21  # one chain per row, in row order
+    assert chains[0] == {"IMG_ID": keys[0], "stages": [], "text": f"why {keys[0]}", "score": None}  # NaN: null
+
+
 def test_resume_refuses_another_run_and_resume_false_restarts(tmp_path):
     ds, rows = make_bench(tmp_path)
     ref = np.array([r[2:] for r in rows])
@@ -224,10 +259,10 @@ def test_model_evaluation_cell_metrics_plots_and_resume(tiny_run, tmp_path):
     from geoloc.data.readers import read_sample
     from geoloc.evaluation.metrics import cell_ranking, expected_calibration_error
     from geoloc.geo.countries import default_admin_lookup
-    from geoloc.inference.predictor import ModelPredictor
+    from geoloc.inference.predictor import build_predictor
 
     ds = read_sample(tiny_run["sample"], split="test", n_images=240)
-    pred = ModelPredictor(str(tiny_run["ckpt"]), topk=3)
+    pred = build_predictor(str(tiny_run["ckpt"]), topk=3)
     kw = dict(batch_size=8, progress=False, admin_of=default_admin_lookup())
     clean = evaluate(ds, pred, tmp_path / "clean", plots=True, **kw)
     df = pd.read_csv(tmp_path / "clean" / "predictions.csv")
@@ -272,12 +307,15 @@ def test_cli_model_with_refinement_ablation(tiny_run, tmp_path):
 
     from geoloc.data.readers import read_sample
 
-    csv_path = tmp_path / "gal.csv"
+    csv_path, gallery = tmp_path / "gal.csv", tmp_path / "gal.npz"
     np_.savetxt(csv_path, read_sample(tiny_run["sample"], split="train", n_images=240).latlng, delimiter=",",
                 header="lat,lng", comments="")
+    r = subprocess.run([sys.executable, "-m", "geoloc", "gallery", f"ckpt={tiny_run['ckpt']}", f"source={csv_path}",
+                        f"out={gallery}"], cwd=REPO, capture_output=True, text=True)  # the offline step
+    assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "evaluate.py", "data=sample", f"data.root={tiny_run['sample']}",
                         "data.n_images=240", "predictor=model", f"ckpt={tiny_run['ckpt']}", "refine=gallery",
-                        f"predictor.gallery_source={csv_path}", f"output_dir={out}", "progress=false"],
+                        f"predictor.gallery={gallery}", f"output_dir={out}", "progress=false"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())

@@ -1,4 +1,5 @@
-"""TorchScript export: one file, loads without geoloc, agrees with the eager model, any batch and size."""
+"""TorchScript export: one file, loads without geoloc, agrees with the eager model for any batch and size, and
+ranks, weighs and answers exactly as the Python predictor it is made from."""
 
 import json
 import subprocess
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from geoloc.inference.export import build_exported, export, script
+from geoloc.inference.export import build_exported, export, exported_from_predictor, script
+from geoloc.inference.predictor import build_predictor
 
 from .conftest import REPO
 
@@ -40,10 +42,9 @@ def test_preprocessing_matches_the_python_predictor(tiny_run):
     ranked cells agree with ModelPredictor on the same photos."""
     from geoloc.data.images import SkipReport
     from geoloc.data.readers import read_sample
-    from geoloc.inference.predictor import ModelPredictor
 
     module, _ = build_exported(tiny_run["ckpt"], topk=3)
-    pred = ModelPredictor(str(tiny_run["ckpt"]), topk=3)
+    pred = build_predictor(str(tiny_run["ckpt"]), topk=3)
     items = list(read_sample(tiny_run["sample"], split="test", n_images=240).iter_items(SkipReport()))[:8]
     x = torch.stack([torch.from_numpy(np.asarray(it.image)).permute(2, 0, 1) for it in items])
     eager_x = torch.stack([pred.transform(it.image) for it in items])
@@ -79,34 +80,98 @@ def test_loads_in_a_process_that_never_imports_geoloc(exported, tmp_path):
     assert set(meta["outputs"]) == set(out)
 
 
-def test_prototypes_rerank_like_the_predictor(tiny_run, tmp_path):
+@pytest.fixture(scope="module")
+def artifacts(tiny_evidence_run, tmp_path_factory):
+    """An index and a gallery cache for the evidence run, outside its run folder (other tests expect none)."""
     from geoloc.data.readers import read_sample
-    from geoloc.inference.predictor import ModelPredictor
+    from geoloc.prepare.gallery import build
     from geoloc.retrieval.index import RetrievalIndex
 
-    base = ModelPredictor(str(tiny_run["ckpt"]))
-    index, _ = RetrievalIndex.build(base.net, read_sample(tiny_run["sample"], split="train", n_images=240),
-                                    base.cells, base.transform)
-    index.save(tmp_path / "idx")
-    module, meta = build_exported(tiny_run["ckpt"], topk=3, prototypes=True, index=tmp_path / "idx", temperature=0.05)
-    assert meta["prototypes"]
+    tmp = tmp_path_factory.mktemp("export_artifacts")
+    base = build_predictor(str(tiny_evidence_run["ckpt"]))
+    refs = read_sample(tiny_evidence_run["sample"], split="train", n_images=240)
+    index, _ = RetrievalIndex.build(base.net, refs, base.cells, base.transform)
+    index.save(tmp / "index_v1")
+    csv = tmp / "gallery.csv"
+    np.savetxt(csv, refs.latlng, delimiter=",", header="lat,lng", comments="")
+    _, gallery = build(tiny_evidence_run["ckpt"], source=str(csv), out=tmp / "gallery_v1.npz")
+    return {"index": str(tmp / "index_v1"), "gallery": str(gallery), "index_obj": index}
+
+
+#: Settings far from the defaults: every weight, temperature and evidence weight shows if the export drops it.
+NON_DEFAULT = dict(topk=4, candidates=7, temperature=0.07, gallery_temperature=0.11,
+                   weights={"cells": 0.6, "prototypes": 1.7, "gallery": 0.8, "evidence": 1.3},
+                   evidence_weights={"land": 2.0, "koppen_group": 0.5, "hemisphere": 1.5, "script": 0.0,
+                                     "driving_side": 0.25})
+REFINES = ["none", "prototypes", "gallery", "both", "evidence", "prototypes+evidence", "gallery+evidence",
+           "both+evidence"]
+
+
+@pytest.mark.parametrize("refine,restrict", [(r, True) for r in REFINES] + [("gallery", False)])
+def test_the_exported_model_equals_the_predictor_with_non_default_weights(tiny_evidence_run, artifacts, refine,
+                                                                          restrict):
+    """Same ranked cells, probabilities within 1e-5 and the same answer, for every refinement the export carries
+    (the predictor answering by the export's rule for prototypes: the cluster's representative)."""
+    pred = build_predictor(str(tiny_evidence_run["ckpt"]), refine=refine, index=artifacts["index"],
+                           gallery=artifacts["gallery"], gallery_restrict=restrict, prototype_answer="representative",
+                           **NON_DEFAULT)
+    assert pred.refine == refine
+    module, meta = exported_from_predictor(pred)
+    assert meta["refine"] == refine and meta["weights"]["cells"] == 0.6
     scripted = script(module)
+    x = torch.randint(0, 256, (9, 3, 64, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ts, eager = scripted(x), module(x)
+    for k in eager:
+        assert (eager[k].float() - ts[k].float()).abs().max() <= 1e-5, k
+    # the predictor on the same preprocessed pixels (its own PIL transform differs slightly, see above)
+    ref = pred.refine_batch(pred.forward_batch(module.preprocess(x)))
+    assert np.array_equal(ref.topk_cells, ts["topk_cells"].numpy())
+    assert np.abs(ref.topk_prob - ts["topk_prob"].numpy()).max() < 1e-5
+    assert np.abs(ref.latlng - ts["latlng"].numpy()).max() < 1e-4
+    if refine not in ("none", "evidence"):  # answers placed inside the cell, not its centroid
+        assert np.abs(ref.latlng - pred.centroids[ref.topk_cells[:, 0]]).max() > 1e-3
+    if refine != "none":  # the reranking did something here: the weights count
+        plain = build_predictor(str(tiny_evidence_run["ckpt"]), topk=4, candidates=7).refine_batch(
+            pred.forward_batch(module.preprocess(x)))
+        assert np.abs(plain.topk_prob - ref.topk_prob).max() > 1e-3
+
+
+def test_the_exported_weights_are_the_predictors(tiny_evidence_run, artifacts):
+    """The defect this guards against: an export that reranked with weight 1 whatever the predictor said."""
+    ckpt = str(tiny_evidence_run["ckpt"])
+    x = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    outs = {}
+    for w in (0.2, 5.0):
+        pred = build_predictor(ckpt, refine="prototypes", index=artifacts["index"], prototype_answer="representative",
+                               weights={"prototypes": w})
+        module, _ = exported_from_predictor(pred)
+        with torch.no_grad():
+            outs[w] = module(x)
+        ref = pred.refine_batch(pred.forward_batch(module.preprocess(x)))
+        assert np.abs(ref.topk_prob - outs[w]["topk_prob"].numpy()).max() < 1e-5
+    assert (outs[0.2]["topk_prob"] - outs[5.0]["topk_prob"]).abs().max() > 1e-3
+
+
+def test_prototypes_export_answers_a_cluster_representative(tiny_evidence_run, artifacts, tmp_path):
+    module, meta = build_exported(tiny_evidence_run["ckpt"], topk=3, prototypes=True, index=artifacts["index"],
+                                  temperature=0.05)
+    assert meta["prototypes"] and meta["refine"] == "prototypes"
     x = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        eager, ts = module(x), scripted(x)
-    for k in eager:
-        assert (eager[k].float() - ts[k].float()).abs().max() <= 1e-4, k
-    # the same fusion as ModelPredictor(refine="prototypes") on the same network outputs
-    pred = ModelPredictor(str(tiny_run["ckpt"]), refine="prototypes", index=str(tmp_path / "idx"), topk=3,
-                          temperature=0.05)
-    with torch.no_grad():
-        feats, logits = module.backbone(module.preprocess(x))
-    out = pred.refine_batch({"cell_prob": logits.softmax(-1).numpy(), "features": feats.numpy(),
-                             "image_emb": np.zeros((6, 4), np.float32)})
-    assert np.array_equal(out.topk_cells, ts["topk_cells"].numpy())
-    assert np.allclose(out.topk_prob, ts["topk_prob"].numpy(), atol=1e-5)
-    # the exported answer lies in the chosen cell (a cluster representative or the centroid)
-    assert np.array_equal(base.cells.assign(ts["latlng"].double().numpy()), ts["topk_cells"][:, 0].numpy())
+        out = module(x)
+    index = artifacts["index_obj"]
+    has = np.isin(out["topk_cells"][:, 0].numpy(), index.cluster_cell)
+    for ll, ok in zip(out["latlng"].double().numpy(), has):  # a representative where the cell has references
+        assert not ok or np.isclose(index.cluster_latlng, ll, atol=1e-4).all(axis=1).any()
+    cells = build_predictor(str(tiny_evidence_run["ckpt"])).cells
+    assert np.array_equal(cells.assign(out["latlng"].double().numpy()), out["topk_cells"][:, 0].numpy())
+    # the nearest-reference rule cannot travel (no reference photos in the file); a missing index is an error
+    pred = build_predictor(str(tiny_evidence_run["ckpt"]), refine="prototypes", index=artifacts["index"])
+    with pytest.raises(ValueError, match="prototype_answer=representative"):
+        exported_from_predictor(pred)
+    with pytest.raises(FileNotFoundError, match="no retrieval index"):
+        build_exported(tiny_evidence_run["ckpt"], prototypes=True, index=tmp_path / "none")
 
 
 def test_cli(tiny_run, tmp_path):
@@ -119,6 +184,16 @@ def test_cli(tiny_run, tmp_path):
     torch.jit.load(str(out), _extra_files=extra)
     meta = json.loads(extra["geoloc.json"])
     assert meta["topk"] == 2 and len(meta["cells"]["country"]) == meta["num_cells"]
+    assert meta["refine"] == "none" and meta["weights"] == {"cells": 1.0}
+    # the predictor's settings travel: refine, fusion weights; a missing index is named, not skipped
+    r = subprocess.run([sys.executable, "-m", "geoloc", "export", f"ckpt={tiny_run['ckpt']}", f"out={out}",
+                        "predictor.weights.cells=0.5"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra["geoloc.json"])["weights"] == {"cells": 0.5}
+    r = subprocess.run([sys.executable, "-m", "geoloc", "export", f"ckpt={tiny_run['ckpt']}", f"out={out}",
+                        "prototypes=true"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "index_v1: no retrieval index" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_export_returns_evidence_probabilities(tiny_evidence_run, tmp_path):

@@ -1,9 +1,18 @@
+"""The GPS gallery: cached embeddings, exact search, restricted to cells; built by ``python -m geoloc gallery``,
+refused with the command that rebuilds it when missing, damaged or made with other weights."""
+
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from geoloc.models.location_encoder import LocationEncoder
-from geoloc.retrieval.gallery import GPSGallery, encoder_fingerprint
+from geoloc.retrieval.gallery import GPSGallery, default_gallery_path, encoder_fingerprint
+
+from .conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +56,23 @@ def test_save_load_and_stale_cache_refused(encoder, latlng, tmp_path):
     assert encoder_fingerprint(other) != encoder_fingerprint(encoder)
     with pytest.raises(ValueError, match="other location-encoder weights"):
         GPSGallery.load(path, encoder=other)
-    with pytest.raises(FileNotFoundError, match="no gallery cache"):
+    with pytest.raises(FileNotFoundError, match="nope.npz: no gallery cache; build it with python -m geoloc gallery"):
         GPSGallery.load(tmp_path / "nope.npz")
+    with np.load(path) as z:  # the meta travels inside: kind, format version, fingerprint
+        meta = json.loads(str(z["meta"]))
+    assert meta["kind"] == "gallery" and meta["format_version"] == 1 and meta["fingerprint"] == g.fingerprint
+
+
+def test_a_cache_from_before_the_meta_still_loads(encoder, latlng, tmp_path):
+    g = GPSGallery.build(encoder, latlng)
+    old = tmp_path / "gallery_v1.npz"
+    np.savez(old, latlng=g.latlng, embeddings=g.embeddings, fingerprint=np.array(g.fingerprint),
+             version=np.array(1))  # what earlier versions wrote
+    back = GPSGallery.load(old, encoder=encoder)
+    np.testing.assert_array_equal(back.embeddings, g.embeddings)
+    np.savez(old, latlng=g.latlng, embeddings=g.embeddings, fingerprint=np.array(g.fingerprint), version=np.array(7))
+    with pytest.raises(ValueError, match="gallery format 7.*rebuild it with python -m geoloc gallery"):
+        GPSGallery.load(old)
 
 
 def test_search_restricted_to_cells(encoder, latlng):
@@ -66,3 +90,40 @@ def test_search_restricted_to_cells(encoder, latlng):
     assert (i == -1).all() and np.isinf(s).all()
     with pytest.raises(ValueError, match="one cell per gallery point"):
         g.assign_cells(cells[:3])
+
+
+def test_the_gallery_step_builds_the_cache_a_scorer_reads(tiny_run, tmp_path):
+    from geoloc.data.readers import read_sample
+    from geoloc.models.loading import load_checkpoint
+    from geoloc.retrieval.scorers import GalleryScorer
+
+    assert default_gallery_path(tiny_run["ckpt"]) == tiny_run["run"] / "gallery_v1.npz"  # out=null writes there
+    ref = read_sample(tiny_run["sample"], split="train", n_images=240).latlng
+    csv = tmp_path / "coords.csv"
+    np.savetxt(csv, ref, delimiter=",", header="lat,lng", comments="")
+    out = tmp_path / "g.npz"  # (not into the shared run: other tests expect it without a gallery)
+    r = subprocess.run([sys.executable, "-m", "geoloc", "gallery", f"ckpt={tiny_run['ckpt']}", f"source={csv}",
+                        f"out={out}"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"embedded {len(ref)} gallery coordinates" in r.stdout and str(out) in r.stdout
+    model = load_checkpoint(tiny_run["ckpt"])
+    g = GPSGallery.load(out, encoder=model.net.location_encoder)
+    np.testing.assert_allclose(g.latlng, ref)
+    assert g.settings["source"] == str(csv.resolve())
+    scorer = GalleryScorer.from_run(model, gallery=out)
+    assert len(scorer) == len(ref) and np.array_equal(np.sort(scorer.table.ids), np.arange(len(ref)))
+    assert np.array_equal(scorer.table.cell, np.sort(model.cells.assign(ref)))
+    # a cache it cannot use names the file and the command that rebuilds it
+    with pytest.raises(FileNotFoundError, match=r"gallery_v1.npz: no gallery cache; build it with python -m geoloc "
+                                                r"gallery ckpt=.*last.ckpt"):
+        GalleryScorer.from_run(model)
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(b"PK\x03\x04 damaged")
+    with pytest.raises(ValueError, match=r"damaged.npz: not a readable gallery cache.*python -m geoloc gallery "
+                                         r"ckpt=.*out=.*damaged.npz"):
+        GalleryScorer.from_run(model, gallery=damaged)
+    other = GPSGallery.build(LocationEncoder(sigmas=(1, 16), n_frequencies=16, hidden=32, depth=2, dim=16, seed=5),
+                             ref[:10])
+    other.save(tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="other.npz: made with other location-encoder weights.*geoloc gallery"):
+        GalleryScorer.from_run(model, gallery=tmp_path / "other.npz")

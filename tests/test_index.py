@@ -215,15 +215,32 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
     with torch.no_grad():
         net.bias.add_(1.0)
-    with pytest.raises(ValueError, match="other network weights"):
+    with pytest.raises(ValueError, match="made with other weights.*python -m geoloc index"):
         RetrievalIndex.load(folder, net=net)
     meta = json.loads((folder / "meta.json").read_text())
+    assert meta["kind"] == "index" and meta["settings"]["clustering"] == index.meta["clustering"]
     meta["format_version"] = 99
     (folder / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format 99"):
         RetrievalIndex.load(folder)
     with pytest.raises(FileNotFoundError, match="not a retrieval index"):
         RetrievalIndex.load(tmp_path / "nothing")
+
+
+def test_an_index_from_before_the_artifact_meta_still_loads(tmp_path):
+    index, *_ = _index(np.random.default_rng(7))
+    folder = index.save(tmp_path / "idx")
+    stored = json.loads((folder / "meta.json").read_text())
+    flat = {"format_version": 1, "fingerprint": stored["fingerprint"], **stored["settings"]}  # the old meta.json
+    (folder / "meta.json").write_text(json.dumps(flat))
+    again = RetrievalIndex.load(folder)
+    assert again.meta["clustering"] == index.meta["clustering"] and again.meta["n_clusters"] == index.meta["n_clusters"]
+    assert again.artifact_meta().kind == "index"
+    q = np.random.default_rng(8).normal(size=(2, 8))
+    assert np.array_equal(again.score_cells(q, [[0, 1, 2]] * 2)[1], index.score_cells(q, [[0, 1, 2]] * 2)[1])
+    (folder / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="meta.json: not JSON"):
+        RetrievalIndex.load(folder)
 
 
 def test_inconsistent_arrays_are_refused_naming_the_file(tmp_path):
@@ -257,7 +274,7 @@ def test_build_from_a_run_skips_bad_photos_and_refuses_other_weights(tiny_run, t
     RetrievalIndex.load(folder, net=model.net)
     with torch.no_grad():
         model.net.cell_head[1].bias.add_(1.0)
-    with pytest.raises(ValueError, match="other network weights"):
+    with pytest.raises(ValueError, match="made with other weights.*python -m geoloc index"):
         RetrievalIndex.load(folder, net=model.net)
 
 

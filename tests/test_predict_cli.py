@@ -77,3 +77,23 @@ def test_explain_in_text_and_json(tiny_evidence_run, tmp_path, capsys):
     assert {"head", "value", "probability"} <= set(a["explanation"]["claims"][0])
     assert b["explanation"] is None and b["error"]
     assert main([good, "--model", ckpt]) == 0 and "Why:" not in capsys.readouterr().out
+
+
+#: What a prediction must not pull in: the training stack and the config system.
+TRAINING_STACK = ("pytorch_lightning", "lightning", "lightning_fabric", "webdataset", "hydra", "omegaconf")
+
+
+def test_the_predict_path_imports_no_training_stack(tiny_evidence_run, tmp_path):
+    """geoloc-predict on a checkpoint (with evidence reranking and the reasoning chain) starts quickly: it never
+    imports Lightning, webdataset or Hydra."""
+    good, _, _ = _photos(tiny_evidence_run, tmp_path)
+    code = ("import sys\n"
+            "from geoloc.inference.cli import main\n"
+            f"code = main([{good!r}, '--model', {str(tiny_evidence_run['ckpt'])!r}, '--refine', 'evidence', "
+            "'--explain', '--json'])\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({TRAINING_STACK!r})), file=sys.stderr)\n"
+            "sys.exit(code)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["explanation"]["stages"]
+    assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr[-2000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -15,9 +16,10 @@ import pytest
 from PIL import Image
 
 from geoloc.artifacts import to_jsonable
-from geoloc.data.images import SkipReport, decode_image
+from geoloc.data.images import SkipReport, decode_image, encode_jpeg
 from geoloc.data.readers import GeoDataset, read_im2gps, read_latlng_csv
-from geoloc.data.shards import ShardDataset, make_webdataset, safe_key, write_shards
+from geoloc.data.shards import MANIFEST_VERSION, ShardDataset, make_webdataset, parse_record, safe_key, write_shards
+from geoloc.evidence.labels import EVIDENCE_VERSION, HEADS, evidence_labels
 from tests.conftest import REPO
 
 N_GOOD = 12
@@ -65,6 +67,10 @@ def shard_dir(tmp_path, photos):
     return out
 
 
+def _without_labels(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "labels"}
+
+
 def _items(source, **kw):
     skipped = SkipReport()
     items = list(source.iter_items(skipped, **kw))
@@ -99,6 +105,7 @@ def test_round_trip(shard_dir, photos):
     assert all(n.count(".") == 1 and "/" not in n for n in names)
     assert names[:2] == [f"{safe_key('photos/a.0.jpg')}.jpg", f"{safe_key('photos/a.0.jpg')}.json"]
     assert rec["key"] == "photos/a.0.jpg" and rec["meta"] == {"tag": "tag0", "score": 0.0}
+    assert set(rec["labels"]) == set(HEADS) and rec["evidence_version"] == EVIDENCE_VERSION
 
     ds = ShardDataset(shard_dir, split="test")
     items, skipped = _items(ds)
@@ -106,9 +113,11 @@ def test_round_trip(shard_dir, photos):
     assert [it.key for it in items] == list(rows["key"])
     # coordinates: exact float round trip
     assert [it.latlng for it in items] == list(zip(rows["lat"].tolist(), rows["lng"].tolist()))
-    # metadata, with NaN -> None
-    assert [it.meta for it in items] == to_jsonable(rows[["tag", "score"]].to_dict("records"))
+    # metadata, with NaN -> None, and the evidence labels stored at sharding time
+    assert [_without_labels(it.meta) for it in items] == to_jsonable(rows[["tag", "score"]].to_dict("records"))
     assert items[4].meta["score"] is None
+    expected = evidence_labels(rows[["lat", "lng"]].to_numpy())
+    assert [it.meta["labels"] for it in items] == expected[list(HEADS)].to_dict("records")
     # pixels, within JPEG tolerance
     for it, path in zip(items, rows["path"]):
         a = np.asarray(decode_image(path), dtype=np.float64)
@@ -120,12 +129,30 @@ def test_round_trip(shard_dir, photos):
     assert ds.synthetic is False and ds.notes == []
 
 
-def test_max_bytes_keeps_shards_small(tmp_path, photos):
-    limit = 12 * 1024
+def _payload_per_sample(path) -> list[int]:
+    """Bytes of each sample's members (photo and record, without tar headers) in a shard, in order."""
+    sizes: dict[str, int] = {}
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key = m.name.partition(".")[0]
+            sizes[key] = sizes.get(key, 0) + m.size
+    return list(sizes.values())
+
+
+def test_max_bytes_closes_a_shard_once_its_samples_reach_it(tmp_path, photos):
+    """webdataset's maxsize: a shard takes samples until their bytes (tar headers not counted) reach the
+    limit, so each shard passes it by at most its last sample."""
+    limit = 5 * 1024
     m = write_shards(photos, tmp_path / "s", max_count=1000, max_bytes=limit)
-    sizes = [(tmp_path / "s" / s["name"]).stat().st_size for s in m["shards"]]
-    assert len(sizes) > 2 and sum(s["n_samples"] for s in m["shards"]) == N_GOOD
-    assert all(size <= limit for size in sizes) and sizes == [s["bytes"] for s in m["shards"]]
+    paths = [tmp_path / "s" / s["name"] for s in m["shards"]]
+    assert len(paths) > 2 and sum(s["n_samples"] for s in m["shards"]) == N_GOOD
+    assert [p.stat().st_size for p in paths] == [s["bytes"] for s in m["shards"]]
+    for i, path in enumerate(paths):
+        payload = _payload_per_sample(path)
+        assert sum(payload[:-1]) < limit, path  # open until its last sample came in
+        if i < len(paths) - 1:
+            assert sum(payload) >= limit, path  # closed because it reached the limit
+    assert m["settings"]["max_bytes"] == limit
 
 
 class Killed(RuntimeError):
@@ -149,9 +176,11 @@ class DiesAfter:
             yield item
 
 
-def test_resume_after_kill_equals_clean_run(tmp_path, photos):
+def test_resume_after_kill_equals_clean_run(tmp_path, photos, monkeypatch):
     clean = write_shards(photos, tmp_path / "clean", max_count=5)
     out = tmp_path / "killed"
+    # label (and so write) samples two at a time, so that a shard is finished before the kill
+    monkeypatch.setattr("geoloc.data.shards.writer._LABEL_CHUNK", 2)
     with pytest.raises(Killed):
         write_shards(DiesAfter(photos, 7), out, max_count=5)
     # one finished shard under its final name; the half second one left no file; no manifest yet
@@ -162,13 +191,32 @@ def test_resume_after_kill_equals_clean_run(tmp_path, photos):
     with open(out / "train-progress.jsonl", "a") as f:
         f.write('{"shard": {"name": "train-0000')
     again = write_shards(photos, out, max_count=5)
-    assert again["shards"] == clean["shards"]  # byte-identical shards (sha256)
+    assert again["shards"] == clean["shards"]  # byte-identical shards (sha256), whatever the label chunks
     assert again["skipped"] == clean["skipped"] and again["n_samples"] == N_GOOD
     keys = [it.key for it in _items(ShardDataset(out, split="train"))[0]]
     assert len(keys) == len(set(keys)) == N_GOOD
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     # a rerun over a finished folder changes nothing
     assert write_shards(photos, out, max_count=5)["shards"] == clean["shards"]
+
+
+def test_a_killed_run_leaves_its_finished_shards_journaled(tmp_path, photos, monkeypatch):
+    out = tmp_path / "killed"
+    monkeypatch.setattr("geoloc.data.shards.writer._LABEL_CHUNK", 2)
+    with pytest.raises(Killed):
+        write_shards(DiesAfter(photos, 7), out, max_count=5)
+    header, *records = [json.loads(line) for line in (out / "train-progress.jsonl").read_text().splitlines()]
+    assert header == {"kind": "header", "version": MANIFEST_VERSION, "split": "train", "source": "photos",
+                      "jpeg_quality": 95, "evidence_version": EVIDENCE_VERSION}
+    assert len(records) == 1  # the finished shard; the open one (and the photos read after it) are not
+    shard, data = records[0]["shard"], (out / "train-000000.tar").read_bytes()
+    assert shard == {"name": "train-000000.tar", "n_samples": 5, "bytes": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest()}
+    assert records[0]["keys"] == list(_good_rows(photos)["key"][:5])
+    assert [k for k, *_ in records[0]["skipped"]] == [MISSING]  # skipped before the shard was closed
+    with tarfile.open(out / "train-000000.tar") as tf:  # the keys in stored order
+        stored = [json.loads(tf.extractfile(m).read())["key"] for m in tf.getmembers() if m.name.endswith(".json")]
+    assert stored == records[0]["keys"]
 
 
 def test_resume_refuses_another_source_and_restarts_on_request(tmp_path, photos, shard_dir):
@@ -286,16 +334,27 @@ def test_make_webdataset_yields_tensors(shard_dir, photos):
     ds = make_webdataset(shard_dir, split="test", shuffle=8, seed=3, transform=_to_tensor)
     out = list(ds)
     assert len(out) == N_GOOD and ds.skip_counter.counts == {}
-    x, latlng, key = out[0]
+    x, latlng = out[0]["image"], out[0]["latlng"]
     assert x.shape == (3, 24, 32) and x.dtype == torch.uint8
     assert latlng.shape == (2,) and latlng.dtype == torch.float32
     rows = _good_rows(photos).set_index("key")
-    for _, latlng, key in out:
-        np.testing.assert_allclose(latlng.numpy(), rows.loc[key, ["lat", "lng"]].to_numpy(float), atol=1e-4)
-    assert sorted(k for *_, k in out) == sorted(rows.index)
-    assert [k for *_, k in out] == [k for *_, k in make_webdataset(shard_dir, split="test", shuffle=8, seed=3)]
+    for s in out:
+        np.testing.assert_allclose(s["latlng"].numpy(), rows.loc[s["key"], ["lat", "lng"]].to_numpy(float), atol=1e-4)
+    assert sorted(s["key"] for s in out) == sorted(rows.index)
+    again = make_webdataset(shard_dir, split="test", shuffle=8, seed=3)
+    assert [s["key"] for s in out] == [s["key"] for s in again]
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
-    assert batch[0].shape == (4, 3, 24, 32) and batch[1].shape == (4, 2) and len(batch[2]) == 4
+    assert batch["image"].shape == (4, 3, 24, 32) and batch["latlng"].shape == (4, 2) and len(batch["key"]) == 4
+
+
+def test_the_training_stream_reads_the_labels_stored_at_sharding(shard_dir, monkeypatch):
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("evidence labels computed again although the records hold them")
+
+    stored = {it.key: it.meta["labels"] for it in _items(ShardDataset(shard_dir, split="test", decode=False))[0]}
+    monkeypatch.setattr("geoloc.evidence.labels.evidence_labels", no_lookup)
+    out = list(make_webdataset(shard_dir, split="test", shuffle=0, evidence_heads=list(HEADS)))
+    assert {s["key"]: s["labels"] for s in out} == stored
 
 
 @pytest.fixture
@@ -319,7 +378,7 @@ def test_make_webdataset_splits_by_node_and_worker(eight_shards, monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "2")
         ds = make_webdataset(folder, split="train", shuffle=4, transform=_to_tensor)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-        seen[rank] = [key for _, _, key in loader]
+        seen[rank] = [s["key"] for s in loader]
     for rank in (0, 1):
         assert len(seen[rank]) == len(set(seen[rank])) == 8  # the two workers read disjoint shards
         assert set(seen[rank]) == {k for keys in shard_keys[rank::2] for k in keys}  # rank r: shards r, r+2, ...
@@ -485,8 +544,154 @@ def test_training_stream_marks_unusable_samples_for_the_collate(tmp_path):
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     out = list(make_webdataset([path], shuffle=0, mark_bad=True))
-    assert out[0][2] == "a"
+    assert out[0]["key"] == "a" and "bad" not in out[0]
     assert (out[1]["bad"], out[1]["key"]) == ("unreadable", "b.jpg")
     assert out[2]["bad"] == "bad_record" and out[2]["key"].endswith("train-000000.tar/c")
     with pytest.warns(UserWarning, match="skipped a shard sample"):
         assert len(list(make_webdataset([path], shuffle=0))) == 1  # without it: dropped and counted, as before
+
+
+def test_records_carry_the_evidence_labels_of_exact_coordinates_and_scene(tmp_path):
+    """Labels are looked up once, at sharding time, for every head, vectorized over the photos; the scene
+    comes from the row's S3_Label as the training stream reads it (0, 1, 2, else -1)."""
+    (tmp_path / "p").mkdir()
+    scenes = [0, 1.0, 2, "1", None, 7, np.nan]
+    latlng = [(48.8566, 2.3522), (-33.8688, 151.2093), (35.6762, 139.6503), (0.0, -30.0), (64.1466, -21.9426),
+              (-1.2921, 36.8219), (40.7128, -74.006)]
+    paths = []
+    for i in range(len(scenes)):
+        paths.append(str(tmp_path / "p" / f"{i}.jpg"))
+        _photo(i).save(paths[-1])
+    table = pd.DataFrame({"key": [f"img{i}" for i in range(len(scenes))], "lat": [a for a, _ in latlng],
+                          "lng": [b for _, b in latlng], "path": paths, "S3_Label": scenes})
+    m = write_shards(GeoDataset(table, name="scenes", source="x.csv"), tmp_path / "s", split="test", max_count=3)
+    assert m["evidence_labels"]["version"] == EVIDENCE_VERSION
+    assert m["evidence_labels"]["heads"] == {h: list(c) for h, c in HEADS.items()}
+    items, _ = _items(ShardDataset(tmp_path / "s", split="test", decode=False))
+    labels = [it.meta["labels"] for it in items]
+    expected = evidence_labels(np.array(latlng), scene=[0, 1, 2, 1, -1, -1, -1])
+    assert labels == expected[list(HEADS)].to_dict("records")
+    assert [lab["scene"] for lab in labels] == [0, 1, 2, 1, -1, -1, -1]
+    assert all(type(v) is int for lab in labels for v in lab.values())
+    assert labels[0]["land"] == 1 and labels[0]["hemisphere"] == 0 and labels[1]["hemisphere"] == 1
+    assert labels[3]["land"] == 0 and labels[3]["continent"] == -1  # at sea: masked where a head has no value
+
+
+def test_records_refuse_a_longitude_the_validator_refuses(tmp_path):
+    (tmp_path / "p").mkdir()
+    for i in range(2):
+        _photo(i).save(tmp_path / "p" / f"{i}.jpg")
+    table = pd.DataFrame({"key": ["ok", "far"], "lat": [10.0, 10.0], "lng": [20.0, 200.0],
+                          "path": [str(tmp_path / "p" / f"{i}.jpg") for i in range(2)]})
+    out = tmp_path / "100%d"  # a folder name with a printf directive: webdataset's pattern is escaped
+    m = write_shards(GeoDataset(table, name="t", source="x.csv"), out)
+    assert m["n_samples"] == 1 and m["skipped"]["by_reason"] == {"bad_latlng": 1}
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar"]
+
+
+def test_labels_of_another_evidence_version_are_not_used(tmp_path, photos, shard_dir, monkeypatch):
+    record = {"key": "a", "latlng": [1.0, 2.0], "meta": {}, "labels": {"land": 1}}
+    assert parse_record(json.dumps({**record, "evidence_version": EVIDENCE_VERSION}).encode(), "x")["labels"] == \
+        {"land": 1}
+    assert parse_record(json.dumps({**record, "evidence_version": EVIDENCE_VERSION - 1}).encode(), "x")["labels"] \
+        is None  # computed again by whoever needs them
+    assert parse_record(json.dumps({"key": "a", "latlng": [1.0, 2.0]}).encode(), "x")["labels"] is None
+    with pytest.raises(ValueError, match="labels"):
+        parse_record(json.dumps({**record, "labels": [1, 2]}).encode(), "x")
+    # a folder whose labels are of another version is not continued with this one
+    monkeypatch.setattr("geoloc.evidence.labels.EVIDENCE_VERSION", EVIDENCE_VERSION + 1)
+    with pytest.raises(ValueError, match=rf"evidence labels of version {EVIDENCE_VERSION}.*resume=false"):
+        write_shards(photos, shard_dir, split="test", max_count=5)
+    items, _ = _items(ShardDataset(shard_dir, split="test", decode=False))
+    assert items and all("labels" not in it.meta for it in items)
+
+
+def _old_tar(path, samples) -> None:
+    """A shard as geoloc wrote it by hand before it used webdataset's ShardWriter (same calls)."""
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext in sorted(members):
+                data = members[ext]
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                info.uname = info.gname = "geoloc"
+                tar.addfile(info, io.BytesIO(data))
+
+
+def write_format1_folder(source, out, split="test", max_count=5) -> dict:
+    """A shard folder as geoloc wrote it before records carried labels (format 1): shards, journal, manifest."""
+    skipped = SkipReport()
+    items = list(source.iter_items(skipped))
+    out.mkdir(parents=True)
+    journal = [{"kind": "header", "version": 1, "split": split, "source": source.name, "jpeg_quality": 95}]
+    shards = []
+    for n, start in enumerate(range(0, len(items), max_count)):
+        chunk = items[start:start + max_count]
+        path = out / f"{split}-{n:06d}.tar"
+        _old_tar(path, [(safe_key(it.key), {
+            "jpg": encode_jpeg(it.image.convert("RGB"), quality=95),
+            "json": json.dumps({"key": it.key, "latlng": list(it.latlng), "meta": to_jsonable(it.meta)}).encode()})
+            for it in chunk])
+        data = path.read_bytes()
+        shards.append({"name": path.name, "n_samples": len(chunk), "bytes": len(data),
+                       "sha256": hashlib.sha256(data).hexdigest()})
+        journal.append({"shard": shards[-1], "keys": [it.key for it in chunk],
+                        "skipped": [list(s) for s in skipped.items] if n == 0 else []})
+    (out / f"{split}-progress.jsonl").write_text("".join(json.dumps(r) + "\n" for r in journal))
+    manifest = {"version": 1, "split": split, "n_samples": len(items), "n_skipped": len(skipped),
+                "skipped": skipped.to_dict(max_items=len(skipped)), "shards": shards, "source": source.name,
+                "synthetic": False, "notes": [], "settings": {"max_count": max_count, "max_bytes": 256e6,
+                                                              "jpeg_quality": 95}}
+    (out / f"{split}-manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def test_a_folder_written_before_labels_still_reads(tmp_path, photos):
+    old = tmp_path / "old"
+    write_format1_folder(photos, old)
+    ds = ShardDataset(old, split="test")
+    items, skipped = _items(ds)
+    assert [it.key for it in items] == list(_good_rows(photos)["key"]) and len(ds) == N_GOOD + 2
+    assert all("labels" not in it.meta for it in items) and dict(skipped.counts) == {"missing": 1, "truncated": 1}
+    # the training stream computes the labels such records lack
+    out = list(make_webdataset(old, split="test", shuffle=0, evidence_heads=["land", "hemisphere"]))
+    assert len(out) == N_GOOD and all(set(s["labels"]) == {"land", "hemisphere"} for s in out)
+
+
+def test_a_folder_written_before_labels_is_not_extended(tmp_path, photos):
+    old = tmp_path / "old"
+    before = write_format1_folder(photos, old)
+    files = {p.name: p.read_bytes() for p in old.iterdir()}
+    # a rerun with nothing new leaves it as it is
+    assert write_shards(photos, old, split="test", max_count=5) == json.loads(json.dumps(before))
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == files
+    # new photos would mix formats in one split: refused, with how to rewrite it
+    more = read_latlng_csv(write_photo_csv(tmp_path / "src2", n_good=N_GOOD + 1))
+    more.name = photos.name
+    with pytest.raises(ValueError, match=r"shard format 1.*resume=false.*\(the source has photos it does not hold\)"):
+        write_shards(more, old, split="test", max_count=5)
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == files
+    (old / "test-manifest.json").unlink()  # a killed format-1 run
+    with pytest.raises(ValueError, match=r"shard format 1.*resume=false.*\(the run did not finish\)"):
+        write_shards(photos, old, split="test", max_count=5)
+    m = write_shards(more, old, split="test", max_count=5, resume=False)
+    assert m["version"] == MANIFEST_VERSION and m["n_samples"] == N_GOOD + 1
+    assert all("labels" in it.meta for it in _items(ShardDataset(old, split="test", decode=False))[0])
+
+
+def test_webdataset_writes_the_tar_layout_geoloc_wrote_by_hand(tmp_path):
+    """The ShardWriter's members (fixed mtime, mode and owner) are byte for byte those of the hand-written
+    tars before it: the same samples give the same sha256 in either."""
+    import webdataset as wds
+
+    from geoloc.data.shards.writer import _TAR_MEMBER
+
+    samples = [(safe_key(f"photos/{i}.jpg"), {"jpg": _jpeg(i), "json": json.dumps({"key": i}).encode()})
+               for i in range(3)]
+    _old_tar(tmp_path / "old.tar", samples)
+    with open(tmp_path / "new.tar", "wb") as f:
+        writer = wds.TarWriter(f, encoder=False, **_TAR_MEMBER)
+        for key, members in samples:
+            writer.write({"__key__": key, **members})
+        writer.close()
+    assert (tmp_path / "new.tar").read_bytes() == (tmp_path / "old.tar").read_bytes()

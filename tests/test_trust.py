@@ -56,9 +56,22 @@ def _pickle_that_writes(target: Path) -> bytes:
     return pickle.dumps(Evil())
 
 
-@pytest.mark.parametrize("attack", ["builtins_open", "nested_target", "read_pickle", "copyfile", "hydra_args",
-                                    "timm_checkpoint_path"])
-def test_a_crafted_run_config_cannot_run_code(tiny_run, tmp_path, attack, capsys):
+def _to_old_format(cfg: dict) -> None:
+    """A run config as train.py wrote it before the network had its own node: a top-level backbone and
+    model.location_encoder, and the model.geoclip_weights flag."""
+    net = cfg["model"].pop("net")
+    cfg["backbone"] = net["backbone"]
+    cfg["model"]["location_encoder"] = net["location_encoder"]
+    cfg["model"]["geoclip_weights"] = False
+
+
+_ATTACKS = ["builtins_open", "nested_target", "read_pickle", "copyfile", "hydra_args", "timm_checkpoint_path",
+            "interpolation", "network_target", "network_directive"]
+
+
+@pytest.mark.parametrize("fmt,attack", [("network_node", a) for a in _ATTACKS]
+                         + [("old", a) for a in _ATTACKS if not a.startswith("network_")])  # old: no network node
+def test_a_crafted_run_config_cannot_run_code(tiny_run, tmp_path, attack, fmt, capsys):
     from geoloc.models.loading import load_checkpoint
 
     run = _copy_run(tiny_run, tmp_path)
@@ -67,22 +80,34 @@ def test_a_crafted_run_config_cannot_run_code(tiny_run, tmp_path, attack, capsys
     written = tmp_path / "written.txt"
 
     def edit(cfg):
-        b = cfg["backbone"]
+        if fmt == "old":
+            _to_old_format(cfg)
+        net = cfg["model"].get("net")
+        backbone_at, encoder_at = ((net, "backbone"), (net, "location_encoder")) if net else (
+            (cfg, "backbone"), (cfg["model"], "location_encoder"))
+        b = backbone_at[0][backbone_at[1]]
         if attack == "builtins_open":  # truncates any file the user can write
-            cfg["backbone"] = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+            backbone_at[0][backbone_at[1]] = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
         elif attack == "nested_target":  # geoloc's class on top, a call hidden in a setting
             b["name"] = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
         elif attack == "read_pickle":
             import base64
 
-            cfg["model"]["location_encoder"] = {"_target_": "pandas.read_pickle", "filepath_or_buffer": {
+            encoder_at[0][encoder_at[1]] = {"_target_": "pandas.read_pickle", "filepath_or_buffer": {
                 "_target_": "io.BytesIO", "initial_bytes": base64.b64encode(_pickle_that_writes(written)).decode()}}
         elif attack == "copyfile":
-            cfg["model"]["location_encoder"] = {"_target_": "shutil.copyfile", "src": str(victim), "dst": str(written)}
+            encoder_at[0][encoder_at[1]] = {"_target_": "shutil.copyfile", "src": str(victim), "dst": str(written)}
         elif attack == "hydra_args":
             b["_args_"] = [str(victim)]
         elif attack == "timm_checkpoint_path":
             b["checkpoint_path"] = str(victim)
+        elif attack == "interpolation":  # resolvers can read the environment or call code
+            encoder_at[0][encoder_at[1]]["hidden"] = "${oc.env:HOME}"
+        elif attack == "network_target":  # a foreign target for the network node itself
+            cfg["model"]["net"] = {"_target_": "shutil.copyfile", "src": str(victim), "dst": str(written)}
+        elif attack == "network_directive":
+            net["_recursive_"] = False
+            net["evidence_heads"] = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
 
     _edit_config(run, edit)
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -103,6 +128,88 @@ def test_the_run_config_allow_list_still_loads_real_runs(tiny_run, tmp_path):
                                  "n_frequencies": 8, "hidden": 16, "depth": 1, "dim": 8}, "model.location_encoder",
                                 "x.yaml")
     assert enc.out_features == 8
+    net = build_from_run_config({
+        "_target_": "geoloc.models.geolocator.build_geolocator", "dropout": 0.0, "evidence_heads": {"land": 0.5},
+        "backbone": {"_target_": "geoloc.models.image_encoder.ImageEncoder", "name": "test_vit", "img_size": 32},
+        "location_encoder": {"_target_": "geoloc.models.location_encoder.LocationEncoder", "sigmas": [1],
+                             "n_frequencies": 8, "hidden": 16, "depth": 1, "dim": 8}}, "model.net", "x.yaml",
+        num_cells=3)
+    assert net.num_cells == 3 and set(net.evidence) == {"land"} and net.location_encoder.out_features == 8
+
+
+def test_a_run_is_rebuilt_from_its_saved_network_node(tiny_run, tmp_path):
+    """train.py saves the network node it built the network from (model.net, with the backbone and GPS
+    encoder nested); loading builds that node, whatever the rest of the config says, with every weight
+    from the checkpoint."""
+    from geoloc.models.loading import load_checkpoint
+
+    saved = yaml.safe_load((tiny_run["run"] / "config.yaml").read_text())
+    net_node = saved["model"]["net"]
+    assert net_node["_target_"] == "geoloc.models.geolocator.build_geolocator"
+    assert net_node["backbone"]["name"] == "test_vit" and net_node["location_encoder"]["sigmas"] == [1, 16]
+    run = _copy_run(tiny_run, tmp_path)
+
+    def edit(cfg):  # the top-level groups are what the network node was made from; loading does not read them
+        cfg["backbone"] = {"_target_": "builtins.open", "file": str(tmp_path / "never"), "mode": "w"}
+        cfg["model"]["location_encoder"]["dim"] = 999
+
+    _edit_config(run, edit)
+    model = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert not (tmp_path / "never").exists()
+    assert model.net.location_encoder.sigmas == (1.0, 16.0) and model.net.num_cells == len(model.cells)
+    state = torch.load(tiny_run["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    mine = model.net.state_dict()
+    assert set(mine) == {k[len("model."):] for k in state if k.startswith("model.")}
+    for k, v in mine.items():
+        torch.testing.assert_close(v, state[f"model.{k}"], rtol=0, atol=0, msg=k)
+
+
+def test_old_run_configs_without_a_network_node_still_load(tiny_run, tmp_path):
+    """A run saved before the network had its own node (top-level backbone, model.location_encoder,
+    model.geoclip_weights) loads as it did, to the same network."""
+    from geoloc.models.loading import load_checkpoint
+
+    new = load_checkpoint(tiny_run["ckpt"])
+    run = _copy_run(tiny_run, tmp_path)
+    _edit_config(run, _to_old_format)
+    old = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert "net" not in old.run_config["model"] and old.data_config == new.data_config
+    images = torch.rand(2, 3, *new.data_config["input_size"][1:])
+    with torch.no_grad():
+        torch.testing.assert_close(old.net(images)["cell_logits"], new.net(images)["cell_logits"], rtol=0, atol=0)
+    _edit_config(run, lambda cfg: cfg.pop("backbone"))
+    with pytest.raises(ValueError, match="config.yaml: not a train.py run config"):
+        load_checkpoint(run / "checkpoints" / "last.ckpt")
+
+
+def test_a_run_trained_from_geoclip_weights_loads_without_reading_them(tiny_run, tmp_path, monkeypatch):
+    """model/location_encoder=geoclip saves a from_geoclip node; loading builds GeoCLIP's plain architecture
+    and takes the trained weights from the checkpoint, never reading GeoCLIP's file."""
+    import geoloc.models.location_encoder as le
+    from geoloc.models.geolocator import build_geolocator
+    from geoloc.models.image_encoder import ImageEncoder
+    from geoloc.models.loading import load_checkpoint
+
+    run = _copy_run(tiny_run, tmp_path)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    n_cells = ckpt["state_dict"]["model.cell_head.1.weight"].shape[0]
+    trained = build_geolocator(ImageEncoder("test_vit", img_size=64), le.LocationEncoder(**le.GEOCLIP_CONFIG, seed=5),
+                               num_cells=n_cells)
+    ckpt["state_dict"] = {**{k: v for k, v in ckpt["state_dict"].items() if not k.startswith("model.")},
+                          **{f"model.{k}": v for k, v in trained.state_dict().items()}}
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    missing = tmp_path / "no_such_weights.pth"
+    _edit_config(run, lambda cfg: cfg["model"]["net"].update(location_encoder={
+        "_target_": "geoloc.models.location_encoder.LocationEncoder.from_geoclip", "path": str(missing)}))
+
+    def never(*args, **kwargs):
+        raise AssertionError("GeoCLIP's weight file was read while loading a run")
+
+    monkeypatch.setattr(le, "load_geoclip_weights", never)
+    monkeypatch.setattr(le, "geoclip_weights_path", never)
+    model = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    for k, v in trained.location_encoder.state_dict().items():
+        torch.testing.assert_close(model.net.location_encoder.state_dict()[k], v, rtol=0, atol=0, msg=k)
 
 
 # --------------------------------------------------------------------------- 2./3. no lost work
@@ -149,7 +256,7 @@ def _reordered_cells(tiny_run, tmp_path: Path) -> Path:
 
 
 def test_a_failed_resume_leaves_the_run_loadable(tiny_run, tmp_path):
-    from geoloc.inference.predictor import ModelPredictor
+    from geoloc.inference.predictor import build_predictor
     from train import train
 
     run = _copy_run(tiny_run, tmp_path)
@@ -161,7 +268,7 @@ def test_a_failed_resume_leaves_the_run_loadable(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="was trained with another model"):
         train(_train_cfg(tiny_run, run, "ckpt_path=last", "model.location_encoder.dim=8", "trainer.max_steps=12"))
     assert _sha(run / "config.yaml") == config and _sha(run / "checkpoints" / "last.ckpt") == last
-    assert ModelPredictor(str(run / "checkpoints" / "best.ckpt")).describe()["n_cells"] > 0
+    assert build_predictor(str(run / "checkpoints" / "best.ckpt")).describe()["n_cells"] > 0
 
 
 def test_a_damaged_last_checkpoint_on_resume_points_to_best(tiny_run, tmp_path):
@@ -190,13 +297,13 @@ def test_resume_writes_the_config_only_once_training_starts(tiny_run, tmp_path):
 def test_a_checkpoint_refuses_the_same_cells_in_another_order(tiny_run, tmp_path):
     from geoloc.inference.export import export
     from geoloc.inference.exported import ExportedPredictor
-    from geoloc.inference.predictor import ModelPredictor
+    from geoloc.inference.predictor import build_predictor
 
     other = _reordered_cells(tiny_run, tmp_path)
     ckpt = tiny_run["ckpt"]
     assert torch.load(ckpt, weights_only=True)["geoloc"]["cells_fingerprint"]
     with pytest.raises(ValueError, match="not the cells .* was trained with"):
-        ModelPredictor(str(ckpt), cells=str(other))
+        build_predictor(str(ckpt), cells=str(other))
     path, meta = export(ckpt, tmp_path / "m.pt", topk=3)
     assert meta["cells_fingerprint"]
     with pytest.raises(ValueError, match="not the cells .* was exported with"):
@@ -208,8 +315,8 @@ def test_a_checkpoint_refuses_the_same_cells_in_another_order(tiny_run, tmp_path
     run = _copy_run(tiny_run, tmp_path)
     torch.save(old, run / "checkpoints" / "old.ckpt")
     with pytest.raises(ValueError, match="centroids differ"):
-        ModelPredictor(str(run / "checkpoints" / "old.ckpt"), cells=str(other))
-    assert ModelPredictor(str(run / "checkpoints" / "old.ckpt")).describe()["n_cells"] == meta["num_cells"]
+        build_predictor(str(run / "checkpoints" / "old.ckpt"), cells=str(other))
+    assert build_predictor(str(run / "checkpoints" / "old.ckpt")).describe()["n_cells"] == meta["num_cells"]
 
 
 # --------------------------------------------------------------------------- 6. nothing trained is an error
@@ -289,20 +396,32 @@ def test_predict_refuses_a_device_this_machine_lacks(tiny_run, capsys):
 
 
 def test_predict_with_a_corrupted_gallery_cache(tiny_run, tmp_path, capsys):
+    """A damaged cache is named with the command that rebuilds it, and left as it is (prediction builds nothing)."""
     run = _copy_run(tiny_run, tmp_path)
     ckpt = str(run / "checkpoints" / "last.ckpt")
-    (run / "gallery_v1.npz").write_bytes(b"PK\x03\x04 damaged")
-    with pytest.warns(UserWarning, match="gallery_v1.npz: not a readable gallery cache.*rebuilding"):
-        assert predict_main([_photo(tiny_run), "--model", ckpt, "--refine", "gallery", "--json"]) == 0
-    from geoloc.retrieval.gallery import GPSGallery
-
-    assert len(GPSGallery.load(run / "gallery_v1.npz")) > 0  # the run's own cache was rebuilt in place
+    damaged = b"PK\x03\x04 damaged"
+    (run / "gallery_v1.npz").write_bytes(damaged)
+    assert predict_main([_photo(tiny_run), "--model", ckpt, "--refine", "gallery", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "gallery_v1.npz: not a readable gallery cache" in err and "Traceback" not in err
+    assert f"rebuild it with python -m geoloc gallery ckpt={ckpt}" in err
+    assert (run / "gallery_v1.npz").read_bytes() == damaged
+    (run / "gallery_v1.npz").unlink()
+    assert predict_main([_photo(tiny_run), "--model", ckpt, "--refine", "gallery"]) == 2
+    assert f"no gallery cache; build it with python -m geoloc gallery ckpt={ckpt}" in capsys.readouterr().err
     named = tmp_path / "mine.npz"
     named.write_bytes(b"garbage")
-    from geoloc.inference.predictor import ModelPredictor
+    from geoloc.inference.predictor import build_predictor
 
-    with pytest.raises(ValueError, match="mine.npz: not a readable gallery cache"):
-        ModelPredictor(ckpt, refine="gallery", gallery=str(named))
+    with pytest.raises(ValueError, match="mine.npz: not a readable gallery cache.*python -m geoloc gallery"):
+        build_predictor(ckpt, refine="gallery", gallery=str(named))
+    # once the step has built it, the same command answers
+    from geoloc.prepare.gallery import build
+
+    csv = tmp_path / "coords.csv"
+    csv.write_text("lat,lng\n48.85,2.35\n40.7,-74.0\n35.7,139.7\n")
+    build(ckpt, source=str(csv))
+    assert predict_main([_photo(tiny_run), "--model", ckpt, "--refine", "gallery", "--json"]) == 0
 
 
 def test_predict_accepts_an_exported_model_even_inside_a_run_folder(tiny_evidence_run, tmp_path, capsys):
@@ -351,10 +470,10 @@ def test_predict_topk_must_be_positive(tiny_run, capsys):
 
 def test_predict_decodes_one_batch_at_a_time(tiny_run, tmp_path, monkeypatch):
     import geoloc.inference.cli as cli
-    from geoloc.inference.predictor import ModelPredictor
+    from geoloc.inference.predictor import build_predictor
 
     photo = _photo(tiny_run)
-    predictor = ModelPredictor(str(tiny_run["ckpt"]))
+    predictor = build_predictor(str(tiny_run["ckpt"]))
     decoded, calls = [], []
     real_decode, real_predict = cli.decode_image, predictor.predict
     monkeypatch.setattr(cli, "decode_image", lambda p: decoded.append(p) or real_decode(p))
@@ -400,9 +519,11 @@ def test_skip_details_are_the_same_in_every_run():
 
 
 def test_a_model_predictor_without_a_checkpoint_says_so():
-    from geoloc.inference.predictor import ModelPredictor
+    from geoloc.inference.predictor import ModelPredictor, build_predictor
 
     with pytest.raises(ValueError, match="no checkpoint given: set ckpt="):
+        build_predictor(None)
+    with pytest.raises(TypeError, match="takes a loaded model.*build_predictor"):
         ModelPredictor(None)
 
 

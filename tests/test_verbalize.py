@@ -8,7 +8,7 @@ import pytest
 from geoloc.evidence.labels import HEADS
 from geoloc.evidence.ocr import script_evidence, text_script
 from geoloc.evidence.verbalize import HEAD_TITLES, STAGES, explain, verify_chain
-from geoloc.inference.predictor import ModelPredictor
+from geoloc.inference.predictor import build_predictor
 
 
 def _photos(run, n):
@@ -31,7 +31,7 @@ def _region_prob(cells, cell_prob, level, value):
 @pytest.mark.parametrize("refine", ["none", "evidence"])
 def test_every_claim_is_a_model_output_with_its_probability(tiny_evidence_run, refine):
     """Faithfulness over a batch: each claim is what a head computed, with the probability it computed."""
-    pred = ModelPredictor(str(tiny_evidence_run["ckpt"]), refine=refine, explain=True, topk=3)
+    pred = build_predictor(str(tiny_evidence_run["ckpt"]), refine=refine, explain=True, topk=3)
     images, keys = _photos(tiny_evidence_run, 12)
     out = pred.forward(images)
     res = pred.predict(images, keys)
@@ -76,7 +76,7 @@ def test_every_claim_is_a_model_output_with_its_probability(tiny_evidence_run, r
 
 
 def test_verify_chain_catches_a_misstated_claim(tiny_evidence_run):
-    pred = ModelPredictor(str(tiny_evidence_run["ckpt"]), explain=True, topk=2)
+    pred = build_predictor(str(tiny_evidence_run["ckpt"]), explain=True, topk=2)
     images, keys = _photos(tiny_evidence_run, 2)
     out = pred.forward(images)
     res = pred.refine_batch(out)
@@ -94,7 +94,7 @@ def test_verify_chain_catches_a_misstated_claim(tiny_evidence_run):
 
 
 def test_a_model_without_evidence_heads_says_nothing_about_evidence(tiny_run):
-    pred = ModelPredictor(str(tiny_run["ckpt"]), explain=True)
+    pred = build_predictor(str(tiny_run["ckpt"]), explain=True)
     images, keys = _photos(tiny_run, 4)
     for chain in pred.predict(images, keys).explanations:
         assert [s["stage"] for s in chain["stages"]] == ["region"]
@@ -105,7 +105,7 @@ def test_a_model_without_evidence_heads_says_nothing_about_evidence(tiny_run):
 
 
 def test_text_in_the_photo_is_one_more_claim_and_is_checked_against_the_cells(tiny_evidence_run):
-    pred = ModelPredictor(str(tiny_evidence_run["ckpt"]), topk=2)
+    pred = build_predictor(str(tiny_evidence_run["ckpt"]), topk=2)
     images, keys = _photos(tiny_evidence_run, 2)
     out = pred.forward(images)
     res = pred.refine_batch(out)

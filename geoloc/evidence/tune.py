@@ -1,11 +1,12 @@
-"""Per-head weights of the evidence reranking, chosen on validation photos (issue 6, part 3).
+"""Per-head weights of the evidence reranking, chosen on validation photos.
 
-The reranking (``refine=evidence`` in :class:`~geoloc.inference.predictor.ModelPredictor`) adds
+The reranking (:class:`~geoloc.retrieval.scorers.EvidenceScorer`, ``refine=evidence``) adds
 ``w_h log sum_k q_h(k) P_cell,h(k)`` per evidence head ``h`` to each candidate cell's log probability.
 :func:`tune_evidence_weights` picks the ``w_h`` by coordinate ascent over a grid on photos the model
 was not trained on: the network runs once over them, then every setting only reranks the cached
-outputs (milliseconds). The objective is the mean GeoScore of the answers (higher is better), so a
-head that does not help gets weight 0.
+outputs, with a predictor made by ``predictor.with_weights(evidence=...)`` (the given predictor is left
+as it was). The objective is the mean GeoScore of the answers (higher is better), so a head that does
+not help gets weight 0.
 
     python -m geoloc tune ckpt=RUN/checkpoints/last.ckpt data=im2gps3k data.root=DIR data.fold=3 \\
         data.folds=5 [refine=evidence] [out=RUN/evidence_weights_v1.json]
@@ -35,7 +36,7 @@ def tune_evidence_weights(predictor, out: dict, true_latlng, *, grid=GRID, round
     """Coordinate ascent of the per-head weights on cached network outputs.
 
     Args:
-        predictor: a :class:`~geoloc.inference.predictor.ModelPredictor` made with an ``evidence`` refine.
+        predictor: a :class:`~geoloc.inference.predictor.ModelPredictor` with an evidence scorer (not changed).
         out: its :meth:`~geoloc.inference.predictor.ModelPredictor.forward` outputs on the validation photos.
         true_latlng: ``(N, 2)`` their true coordinates.
         grid: the weights tried for each head.
@@ -51,8 +52,7 @@ def tune_evidence_weights(predictor, out: dict, true_latlng, *, grid=GRID, round
         raise ValueError("the predictor has no evidence heads to weigh (refine=evidence on a model with heads)")
 
     def score(w: dict) -> float:
-        predictor.set_evidence_weights(w)
-        return _mean_geoscore(predictor, out, true_latlng)
+        return _mean_geoscore(predictor.with_weights(evidence=w), out, true_latlng)
 
     without = score({h: 0.0 for h in heads})
     uniform = score({h: 1.0 for h in heads})
@@ -70,17 +70,19 @@ def tune_evidence_weights(predictor, out: dict, true_latlng, *, grid=GRID, round
                     best_w, best, changed = {**best_w, h: float(w)}, s, True
         if not changed:
             break
-    predictor.set_evidence_weights(best_w)
     return {"weights": best_w, "geoscore": best, "geoscore_without": without, "geoscore_uniform": uniform,
             "n": int(len(true_latlng)), "grid": [float(g) for g in grid], "history": history}
 
 
 def load_weights(path: str | Path) -> dict[str, float]:
-    """The ``weights`` of a file written by :func:`main` (or a plain ``{head: w}`` JSON)."""
+    """The ``weights`` of a file written by ``python -m geoloc tune`` (or a plain ``{head: w}`` JSON)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no evidence weights file (python -m geoloc tune writes one)")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e}); write it again with python -m geoloc tune") from e
     weights = data.get("weights", data) if isinstance(data, dict) else None
     if not isinstance(weights, dict) or not all(isinstance(v, int | float) for v in weights.values()):
         raise ValueError(f"{path}: expected {{'weights': {{head: number}}}}, got {str(data)[:200]}")

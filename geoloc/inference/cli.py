@@ -2,7 +2,7 @@
 
     geoloc-predict photo.jpg other.png --model RUN/checkpoints/best.ckpt
     geoloc-predict photos/*.jpg --model ... --json                      # one JSON object per photo
-    geoloc-predict photo.jpg --model ... --refine prototypes --topk 3
+    geoloc-predict photo.jpg --model ... --refine prototypes --topk 3    # also gallery, both, evidence, ...
     geoloc-predict photo.jpg --model ... --explain [--ocr]               # the reasoning chain too
     geoloc-predict photo.jpg --model model.pt [--explain]               # an exported model (geoloc.inference.export)
 
@@ -86,22 +86,23 @@ def predict_files(paths: list[str], predictor, *, batch_size: int = 32) -> list[
 
 
 def load_predictor(model: str, *, cells: str | None = None, refine: str = "none", index: str | None = None,
-                   topk: int | None = None, device: str = "cpu", explain: bool = False, ocr: bool = False):
+                   gallery: str | None = None, topk: int | None = None, device: str = "cpu", explain: bool = False,
+                   ocr: bool = False):
     """A predictor for ``--model``: an exported TorchScript file or a ``train.py`` checkpoint (told apart by
     content, not by name)."""
     from geoloc.models.loading import is_torchscript
 
     if Path(model).is_file() and is_torchscript(model):
-        if refine != "none" or index is not None:
+        if refine != "none" or index is not None or gallery is not None:
             raise ValueError(f"{model}: an exported model refines as it was exported (python -m geoloc export "
-                             "prototypes=true); --refine and --index apply to train.py checkpoints")
+                             "refine=...); --refine, --index and --gallery apply to train.py checkpoints")
         from geoloc.inference.exported import ExportedPredictor
 
         return ExportedPredictor(model, cells=cells, topk=topk, device=device, explain=explain, ocr=ocr)
-    from geoloc.inference.predictor import ModelPredictor
+    from geoloc.inference.predictor import build_predictor
 
-    return ModelPredictor(model, cells=cells, refine=refine, index=index, topk=topk or 5, device=device,
-                          explain=explain, ocr=ocr and explain)
+    return build_predictor(model, cells=cells, refine=refine, index=index, gallery=gallery, topk=topk or 5,
+                           device=device, explain=explain, ocr=ocr and explain)
 
 
 def format_text(r: dict) -> str:
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="ranked cells to show (default 5; an exported model: as many as it returns)")
     parser.add_argument("--refine", default="none", choices=list(REFINE_CHOICES))
     parser.add_argument("--index", default=None, help="retrieval index folder (default RUN/index_v1)")
+    parser.add_argument("--gallery", default=None, help="GPS-gallery cache (default RUN/gallery_v1.npz, built by "
+                        "python -m geoloc gallery)")
     parser.add_argument("--cells", default=None, help="geocells file (default: the run's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="photos decoded and predicted at a time")
@@ -154,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         predictor = load_predictor(args.model, cells=args.cells, refine=args.refine, index=args.index,
-                                   topk=args.topk, device=args.device, explain=args.explain, ocr=args.ocr)
+                                   gallery=args.gallery, topk=args.topk, device=args.device, explain=args.explain,
+                                   ocr=args.ocr)
     except (ImportError, *USER_ERRORS) as e:
         message = user_message(e) or str(e)
         if os.environ.get("GEOLOC_DEBUG"):

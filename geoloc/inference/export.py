@@ -1,6 +1,7 @@
 """Export a trained geolocator as one TorchScript file that others embed without geoloc.
 
-    python -m geoloc export ckpt=RUN/checkpoints/best.ckpt out=model.pt [topk=5] [prototypes=true index=DIR]
+    python -m geoloc export ckpt=RUN/checkpoints/best.ckpt out=model.pt [topk=5] [refine=prototypes+evidence]
+    python -m geoloc export ckpt=... out=model.pt prototypes=true index=DIR      # the older spelling
 
 Using it needs only torch::
 
@@ -12,23 +13,27 @@ Using it needs only torch::
 geocell ids, ``topk_prob`` (B, k) their probabilities, ``cell_prob`` (B, C) every cell's probability,
 ``embedding`` (B, D) the L2-normalized image embedding (for your own retrieval) and, for a model trained
 with evidence heads, ``evidence/<head>`` (B, K) their class probabilities (classes in ``geoloc.json``).
+
 The file holds the preprocessing (timm's evaluation transform in tensor ops: resize the short side to
-``input_size / crop_pct``, centre crop, scale, normalize), the image encoder, the cell head and the
-cell centroids; with ``prototypes=true`` also the location-cluster prototypes of an index
-(:mod:`geoloc.retrieval.index`), which rerank the top cells as ``refine=prototypes`` does and answer the
-representative coordinate of the best cluster (the exported file carries no per-photo references, so
-it cannot return the nearest reference photo as the Python predictor does). ``geoloc.json`` inside the
-file (``torch.jit.load(path, _extra_files={"geoloc.json": ""})``) describes inputs, outputs and each
-cell's country and region names, the fingerprint of the cells (:meth:`geoloc.geo.cells.Geocells.fingerprint`)
-and, for a model with evidence heads, each cell's evidence counts, so that ``geoloc-predict --model model.pt
---explain`` can check the reasoning chain without the cells file
-(:class:`geoloc.inference.exported.ExportedPredictor`).
+``input_size / crop_pct``, centre crop, scale, normalize), the image encoder, the cell head, the cell
+centroids and the exportable part of each scorer of the predictor it is made from
+(:func:`exported_from_predictor`; :mod:`geoloc.retrieval.scorers`): the location-cluster prototypes of an
+index (``prototypes``), the cells' evidence distributions (``evidence``) and the GPS gallery's embeddings
+(``gallery``). The top cells are reranked by the same :func:`geoloc.retrieval.rerank.rerank` as
+:class:`~geoloc.inference.predictor.ModelPredictor`, with the same fusion weights, temperatures and
+evidence weights, so the two agree. With prototypes, the exported answer is the best cluster's
+representative coordinate (the file carries no per-photo references); the predictor gives the same
+answer with ``prototype_answer=representative``.
+
+``geoloc.json`` inside the file (``torch.jit.load(path, _extra_files={"geoloc.json": ""})``) describes inputs,
+outputs, the refinement (``refine``, ``weights``, ``scorers``) and each cell's country and region names,
+the fingerprint of the cells (:meth:`geoloc.geo.cells.Geocells.fingerprint`) and, for a model with evidence
+heads, each cell's evidence counts, so that ``geoloc-predict --model model.pt --explain`` can check the
+reasoning chain without the cells file (:class:`geoloc.inference.exported.ExportedPredictor`).
 
 An exported file is TorchScript: code, by nature. Load only files you trust (see the README's "Trust and
 safety").
 """
-
-from __future__ import annotations
 
 import json
 import math
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geoloc.artifacts import atomic_path
+from geoloc.retrieval.rerank import rerank, top_candidates
 
 EXPORT_FORMAT_VERSION = 1
 #: Cell attributes carried in ``geoloc.json`` (names for answers, continents for the reasoning chain).
@@ -46,15 +52,15 @@ CELL_NAME_COLUMNS = ("country", "adm0_a3", "admin1_name", "continent")
 
 
 class _Backbone(nn.Module):
-    """Encoder + cell head on a preprocessed batch: what gets traced."""
+    """Encoder, cell head and projection into the location encoder's space: what gets traced."""
 
     def __init__(self, net):
         super().__init__()
-        self.image_encoder, self.cell_head = net.image_encoder, net.cell_head
+        self.image_encoder, self.cell_head, self.image_proj = net.image_encoder, net.cell_head, net.image_proj
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.image_encoder(x)
-        return features, self.cell_head(features)
+        return features, self.cell_head(features), self.image_proj(features)
 
 
 class ExportedGeolocator(nn.Module):
@@ -65,16 +71,19 @@ class ExportedGeolocator(nn.Module):
         data_config: timm preprocessing (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``).
         centroids: ``(C, 2)`` cell centroids ``[lat, lng]``.
         topk: ranked cells returned.
-        prototypes: optional ``(cluster_cell (M,), cluster_proto (M, D), cluster_latlng (M, 2))``.
-        candidates: cells reranked by the prototypes.
-        temperature: ``T`` of ``softmax(prototype score / T)``.
+        candidates: cells reranked.
+        scorers: the scorers' exported parts (``scorer.export(num_cells)``), in placing order.
+        weights: one fusion weight per scorer.
+        cell_weight: the weight of ``log p(cell)``.
     """
 
-    def __init__(self, net, data_config: dict, centroids, *, topk: int = 5, prototypes=None, candidates: int = 10,
-                 temperature: float = 0.05):
+    weights: list[float]
+
+    def __init__(self, net, data_config: dict, centroids, *, topk: int = 5, candidates: int = 10,
+                 scorers: list[nn.Module] | None = None, weights: list[float] | None = None, cell_weight: float = 1.0):
         super().__init__()
         self.backbone = _Backbone(net)
-        self.evidence = net.evidence  # evidence heads (issue 6): probabilities on the same features
+        self.evidence = net.evidence  # evidence heads: probabilities on the same features
         _, h, w = data_config["input_size"]
         self.crop_h, self.crop_w = int(h), int(w)
         self.scale_size = int(math.floor(min(h, w) / float(data_config.get("crop_pct", 1.0))))
@@ -87,13 +96,12 @@ class ExportedGeolocator(nn.Module):
         self.num_cells = int(self.centroids.shape[0])
         self.topk = min(int(topk), self.num_cells)
         self.candidates = min(max(int(candidates), self.topk), self.num_cells)
-        self.temperature = float(temperature)
-        self.use_prototypes = prototypes is not None
-        cell, proto, latlng = prototypes if prototypes is not None else (
-            torch.zeros(0, dtype=torch.long), torch.zeros(0, 1), torch.zeros(0, 2))
-        self.register_buffer("cluster_cell", torch.as_tensor(cell, dtype=torch.long))
-        self.register_buffer("cluster_proto", torch.as_tensor(proto, dtype=torch.float32))
-        self.register_buffer("cluster_latlng", torch.as_tensor(latlng, dtype=torch.float32))
+        self.scorers = nn.ModuleList(list(scorers or []))
+        self.weights = [float(x) for x in (weights or [])]
+        if len(self.weights) != len(self.scorers):
+            raise ValueError(f"need one fusion weight per scorer: {len(self.scorers)} scorers, "
+                             f"{len(self.weights)} weights")
+        self.cell_weight = float(cell_weight)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, 3, H, W)`` -> normalized float ``(B, 3, h, w)`` (timm's eval transform)."""
@@ -111,62 +119,72 @@ class ExportedGeolocator(nn.Module):
         x = x[:, :, top:top + self.crop_h, left:left + self.crop_w].clamp(0.0, 1.0)
         return (x - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        features, logits = self.backbone(self.preprocess(images))
+    def rank(self, features: torch.Tensor, logits: torch.Tensor, image_emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cell ranking, reranking and the answer from the network's outputs (what :meth:`forward` does
+        after the backbone)."""
         prob = logits.float().softmax(-1)
         emb = F.normalize(features.float(), dim=-1)
-        p_cand, cand = prob.topk(self.candidates, dim=1)
-        latlng = self.centroids[cand[:, 0]]
-        if self.use_prototypes:
-            sims = emb @ self.cluster_proto.t()  # (B, M)
-            b = sims.shape[0]
-            best = torch.full((b, self.num_cells), float("-inf"), dtype=sims.dtype, device=sims.device)
-            best = best.scatter_reduce(1, self.cluster_cell.unsqueeze(0).expand(b, -1), sims, "amax")
-            s = best.gather(1, cand) / self.temperature  # (B, K); -inf: no reference in that cell
-            finite = torch.isfinite(s)
-            low = torch.where(finite, s, torch.full_like(s, float("inf"))).min(dim=1, keepdim=True).values
-            low = torch.where(torch.isfinite(low), low, torch.zeros_like(low))
-            s = torch.where(finite, s, low.expand_as(s))
-            fused = torch.log(p_cand.clamp_min(1e-12)) + torch.log_softmax(s, dim=1)
-            post = torch.softmax(fused, dim=1) * p_cand.sum(dim=1, keepdim=True)
-            post, order = post.sort(dim=1, descending=True)
-            cand, p_cand = cand.gather(1, order), post
-            chosen = cand[:, 0]
-            in_cell = self.cluster_cell.unsqueeze(0) == chosen.unsqueeze(1)  # (B, M)
-            masked = torch.where(in_cell, sims, torch.full_like(sims, float("-inf")))
-            j = masked.argmax(dim=1)
-            has = in_cell.any(dim=1)
-            latlng = torch.where(has.unsqueeze(1), self.cluster_latlng[j], self.centroids[chosen])
-        out = {"latlng": latlng, "topk_cells": cand[:, :self.topk], "topk_prob": p_cand[:, :self.topk],
-               "cell_prob": prob, "embedding": emb}
+        outputs = {"features": emb, "image_emb": F.normalize(image_emb.float(), dim=-1), "cell_prob": prob}
         for head, layer in self.evidence.items():
-            out["evidence/" + head] = layer(features).float().softmax(-1)
+            outputs["evidence/" + head] = layer(features).float().softmax(-1)
+        p_cand, cand = top_candidates(prob, self.candidates)
+        terms: list[torch.Tensor] = []
+        for s in self.scorers:
+            terms.append(s(outputs, cand))
+        post, order = rerank(p_cand, terms, self.weights, self.cell_weight)
+        cand = cand.gather(1, order)
+        chosen = cand[:, 0]
+        latlng = self.centroids[chosen]
+        placed = torch.zeros(chosen.shape, dtype=torch.bool, device=chosen.device)
+        for s in self.scorers:
+            where, ok = s.place(outputs, chosen)
+            take = ok & ~placed
+            latlng = torch.where(take.unsqueeze(1), where, latlng)
+            placed = placed | ok
+        out = {"latlng": latlng, "topk_cells": cand[:, :self.topk], "topk_prob": post[:, :self.topk],
+               "cell_prob": prob, "embedding": emb}
+        for key, value in outputs.items():
+            if key.startswith("evidence/"):
+                out[key] = value
         return out
 
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features, logits, image_emb = self.backbone(self.preprocess(images))
+        return self.rank(features, logits, image_emb)
 
-def build_exported(ckpt: str | Path, *, topk: int = 5, prototypes: bool = False, index: str | Path | None = None,
-                   candidates: int = 10, temperature: float = 0.05) -> tuple[ExportedGeolocator, dict]:
-    """The eager export module for a checkpoint, and its metadata."""
+
+def exported_from_predictor(predictor) -> "tuple[ExportedGeolocator, dict]":
+    """The eager export module of a :class:`~geoloc.inference.predictor.ModelPredictor`, and its metadata.
+
+    Every scorer of the predictor must have an exportable part (``scorer.export``); the module reranks
+    with the predictor's fusion weights, temperatures and evidence weights.
+
+    Raises:
+        ValueError: a scorer the export cannot carry, or a refinement the predictor could not make (a
+            missing index).
+    """
     from geoloc.evidence.labels import HEADS
-    from geoloc.models.loading import load_checkpoint
 
-    model = load_checkpoint(ckpt)
-    protos = None
-    if prototypes:
-        from geoloc.retrieval.index import RetrievalIndex, default_index_dir
-
-        idx = RetrievalIndex.load(index or default_index_dir(ckpt), net=model.net)
-        if idx.meta.get("embedding", "features") != "features":
-            raise ValueError(f"{index}: the exported model scores prototypes of backbone features; this index "
-                             f"holds {idx.meta.get('embedding')!r} embeddings")
-        protos = (torch.from_numpy(idx.cluster_cell), torch.from_numpy(idx.cluster_proto),
-                  torch.from_numpy(idx.cluster_latlng.astype("float32")))
-    module = ExportedGeolocator(model.net, model.data_config, model.cells.centroids, topk=topk, prototypes=protos,
-                               candidates=candidates, temperature=temperature).eval()
+    if predictor.refine_requested != predictor.refine:
+        raise ValueError(f"{predictor.ckpt}: the export asks for refine={predictor.refine_requested}, but the "
+                         f"predictor could only make refine={predictor.refine} (build the missing index with "
+                         f"python -m geoloc index ckpt={predictor.ckpt} data=...)")
+    model = predictor.model
+    parts = []
+    for s in predictor.scorers:
+        if not hasattr(s, "export"):
+            raise ValueError(f"the {s.name!r} scorer has no exportable part; export without it")
+        parts.append(s.export(len(model.cells)))
+    module = ExportedGeolocator(model.net, model.data_config, model.cells.centroids, topk=predictor.topk,
+                                candidates=predictor.candidates, scorers=parts,
+                                weights=[predictor.weights[s.name] for s in predictor.scorers],
+                                cell_weight=predictor.weights["cells"]).eval()
     t = model.cells.table
     names = {c: t[c].fillna("").astype(str).tolist() for c in CELL_NAME_COLUMNS if c in t.columns}
     cell_evidence = {h: [[int(v) for v in row] for row in t[f"evidence_{h}"]]
                      for h in model.net.evidence if f"evidence_{h}" in t.columns}
+    scorers = {s.name: {k: v for k, v in s.describe().items() if k not in ("index", "gallery")}
+               for s in predictor.scorers}
     meta = {
         "format_version": EXPORT_FORMAT_VERSION, "geoloc_ckpt": str(model.ckpt),
         "backbone": model.net.image_encoder.name, "num_cells": len(model.cells), "topk": module.topk,
@@ -178,14 +196,48 @@ def build_exported(ckpt: str | Path, *, topk: int = 5, prototypes: bool = False,
         "preprocess": {"input_size": list(model.data_config["input_size"]), "resize_short_side": module.scale_size,
                        "interpolation": module.mode, "mean": list(model.data_config["mean"]),
                        "std": list(model.data_config["std"])},
-        "prototypes": bool(prototypes), "cells": names,
+        "prototypes": predictor.scorer("prototypes") is not None, "cells": names,
+        "refine": predictor.refine, "candidates": module.candidates,
+        "weights": {"cells": module.cell_weight, **{s.name: predictor.weights[s.name] for s in predictor.scorers}},
+        "scorers": scorers,
         "evidence": {h: list(HEADS[h]) for h in model.net.evidence},
         "cell_evidence": cell_evidence,  # per head, each cell's training photos over its classes (the checks)
     }
     return module, meta
 
 
-def script(module: ExportedGeolocator) -> torch.jit.ScriptModule:
+def build_exported(ckpt: str | Path, *, topk: int = 5, prototypes: bool = False, refine: str = "none",
+                   index: str | Path | None = None, candidates: int = 10, temperature: float = 0.05,
+                   **settings) -> "tuple[ExportedGeolocator, dict]":
+    """The eager export module for a checkpoint, and its metadata.
+
+    Args:
+        ckpt: ``RUN/checkpoints/*.ckpt``.
+        topk: ranked cells returned.
+        prototypes: also rerank by the index's prototypes (adds ``prototypes`` to ``refine``).
+        refine: the refinement, as for :func:`~geoloc.inference.predictor.build_predictor` (``none``,
+            ``prototypes``, ``gallery``, ``evidence``, ``both``, ``...+evidence``).
+        index: the index folder; None: ``RUN/index_v1``.
+        candidates, temperature, **settings: the other settings of
+            :func:`~geoloc.inference.predictor.build_predictor` (``weights``, ``evidence_weights``,
+            ``gallery``, ``gallery_temperature``, ...); ``prototype_answer`` is ``representative``.
+    """
+    from geoloc.inference.predictor import build_predictor, refine_name, refine_scorers
+    from geoloc.retrieval.index import default_index_dir
+
+    names = list(refine_scorers(refine))
+    if prototypes and "prototypes" not in names:
+        names.insert(0, "prototypes")
+    refine = refine_name(names)  # (adding prototypes to a shorthand gives a shorthand)
+    if "prototypes" in names and index is None:
+        index = default_index_dir(ckpt)  # named, so that a missing index is an error, not a fall-back
+    settings.setdefault("prototype_answer", "representative")
+    predictor = build_predictor(ckpt, refine=refine, index=None if index is None else str(index), topk=topk,
+                                candidates=candidates, temperature=temperature, **settings)
+    return exported_from_predictor(predictor)
+
+
+def script(module: "ExportedGeolocator") -> torch.jit.ScriptModule:
     """TorchScript: the encoder and head traced at the crop size (any batch), the rest scripted."""
     import warnings
 
@@ -204,9 +256,22 @@ def script(module: ExportedGeolocator) -> torch.jit.ScriptModule:
             module.backbone = backbone
 
 
-def export(ckpt: str | Path, out: str | Path, **kwargs) -> tuple[Path, dict]:
-    """Writes the TorchScript file atomically; returns its path and metadata."""
-    module, meta = build_exported(ckpt, **kwargs)
+def export(ckpt, out: str | Path, **kwargs) -> tuple[Path, dict]:
+    """Writes the TorchScript file atomically; returns its path and metadata.
+
+    Args:
+        ckpt: a checkpoint path (``kwargs`` as for :func:`build_exported`) or a
+            :class:`~geoloc.inference.predictor.ModelPredictor` (no ``kwargs``).
+        out: the ``.pt`` file.
+    """
+    from geoloc.inference.predictor import ModelPredictor
+
+    if isinstance(ckpt, ModelPredictor):
+        if kwargs:
+            raise ValueError(f"export(predictor, ...) takes its settings from the predictor, not {sorted(kwargs)}")
+        module, meta = exported_from_predictor(ckpt)
+    else:
+        module, meta = build_exported(ckpt, **kwargs)
     import warnings
 
     scripted = script(module)

@@ -2,7 +2,7 @@
 
 The exported file carries everything an answer needs: preprocessing, network, cell centroids and, in
 ``geoloc.json``, the cells' names, their fingerprint and (for models with evidence heads) each cell's
-evidence counts. :class:`ExportedPredictor` gives it the :class:`~geoloc.inference.predictor.Predictor` interface,
+evidence counts. :class:`ExportedPredictor` gives it the :class:`~geoloc.inference.base.Predictor` interface,
 so ``geoloc-predict --model model.pt`` (with ``--explain``) works on it as on a ``train.py`` checkpoint.
 
 An exported file is TorchScript, which is code: load only files you trust (the README's "Trust and
@@ -86,7 +86,7 @@ def read_exported(path: str | Path, *, device: str = "cpu") -> tuple[torch.jit.S
 
 
 class ExportedPredictor:
-    """An exported model behind the :class:`~geoloc.inference.predictor.Predictor` interface.
+    """An exported model behind the :class:`~geoloc.inference.base.Predictor` interface.
 
     Args:
         path: the exported ``.pt`` file.
@@ -175,12 +175,21 @@ class ExportedPredictor:
             from geoloc.evidence.verbalize import explain
 
             text = [self.ocr.text_evidence(im) for im in images] if self.ocr is not None else None
-            refine = "prototypes (exported)" if self.meta.get("prototypes") else "none"
-            pred.explanations = explain(out, pred, self.cells, ocr=text, refine=refine)
+            pred.explanations = explain(out, pred, self.cells, ocr=text, refine=self.refine_label)
         return pred
+
+    @property
+    def refine(self) -> str:
+        """The refinement the file was exported with (``none``, ``prototypes``, ``both+evidence``, ...)."""
+        return str(self.meta.get("refine") or ("prototypes" if self.meta.get("prototypes") else "none"))
+
+    @property
+    def refine_label(self) -> str:
+        return "none" if self.refine == "none" else f"{self.refine} (exported)"
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": "exported", "model": str(self.path), "n_cells": len(self.cells),
                 "backbone": self.meta.get("backbone"), "topk": self.topk,
-                "prototypes": bool(self.meta.get("prototypes")), "evidence_heads": self.evidence_heads,
+                "prototypes": bool(self.meta.get("prototypes")), "refine": self.refine,
+                "evidence_heads": self.evidence_heads,
                 "explain": self.explain, "ocr": self.ocr is not None}

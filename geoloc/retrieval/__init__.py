@@ -1,2 +1,2 @@
-"""Retrieval inside the top cells: reference photos clustered by location (the index) and the GPS
-gallery, scored per candidate cell."""
+"""Retrieval inside the top cells: cell-sorted tables, the one score fusion (``rerank``), the scorers
+(prototypes of the reference-photo index, the GPS gallery, the evidence heads) and their artifacts."""

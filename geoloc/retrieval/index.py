@@ -7,18 +7,20 @@
 PIGEON refines a geocell prediction with the training photos: inside each candidate cell it clusters
 the photos' locations, represents each cluster by the mean embedding of its photos (a prototype), picks
 the cluster whose prototype is most similar to the query, and answers a location inside it. This module
-builds that index; :class:`geoloc.inference.predictor.ModelPredictor` uses it (``refine=prototypes``): it ranks
-the top cells with :meth:`RetrievalIndex.score_cells` and answers the coordinate of the most similar
+builds that index; :class:`geoloc.retrieval.scorers.PrototypeScorer` uses it (``refine=prototypes``): it
+ranks the top cells with :meth:`RetrievalIndex.score_cells` and answers the coordinate of the most similar
 reference photo of the winning cluster (:meth:`RetrievalIndex.nearest_in_cluster`; PIGEON's released
-code takes the *least* similar one there, which we do not copy).
+code takes the *least* similar one there, which we do not copy). Prototypes sorted by cell and
+references sorted by cluster are both :class:`~geoloc.retrieval.table.CellTable` s, so both questions
+("best prototype of each candidate cell", "best reference of a cluster") are the same range search.
 
 **Clustering** (:class:`Clustering`, ``cluster.*`` in ``conf/index.yaml``). PIGEON's released code runs
 OPTICS (``min_samples=3, xi=0.15``) on a precomputed haversine matrix of each cell's photos, makes cells
 with fewer than ``min_samples`` photos one cluster and drops the noise. Our default is **HDBSCAN** with
 ``min_samples = min_cluster_size = 3``: it extracts clusters from the same density hierarchy (mutual
 reachability) as OPTICS, so it adapts to scale the same way (landmarks inside a city cell, towns inside
-a rural one), and on 100K MP-16 coordinates in 709 cells it finds about as many clusters (14.0K vs
-OPTICS's 13.4K) 16x faster (3.1 s vs 48 s), with ``O(n)`` memory per cell.
+a rural one), and on 100K MP-16 coordinates it finds about as many clusters as OPTICS in a fraction of
+the time, with ``O(n)`` memory per cell.
 ``method=optics`` reproduces PIGEON's choice (``xi``); ``method=dbscan`` uses one fixed radius
 ``eps_km`` for every cell (coarse: at 25 km a whole city cell is one cluster). For HDBSCAN, a positive
 ``eps_km`` keeps clusters closer than that together (``cluster_selection_epsilon``).
@@ -27,7 +29,7 @@ Distances are great-circle distances, computed as chords between unit vectors (`
 the chord is a monotone function of the haversine distance, so DBSCAN (radius converted exactly) and
 the density hierarchy are the same as with ``metric="haversine"`` (on 80 MP-16 cells all three methods
 gave the same labels both ways), the antimeridian and the poles need no care, and scikit-learn's
-KD-tree runs 7x faster than its haversine ball tree (HDBSCAN on 10K points: 0.36 s vs 2.3 s).
+KD-tree (Euclidean) is much faster than its haversine ball tree.
 
 **Noise.** Points no cluster claims join the cluster of their nearest clustered neighbour
 (``noise=nearest``, the default); if a cell has no cluster at all it is one cluster, and so is a cell
@@ -37,25 +39,22 @@ many single photos, which inflates the scores of cells with much noise against c
 clusters. Attached, an isolated photo is still returned by :meth:`RetrievalIndex.nearest_in_cluster`
 when it is the best match. A cell with more than ``max_points`` references is clustered on a seeded
 sample of that size and the others join their nearest sampled point's cluster (HDBSCAN is quadratic in
-time per cell: 1.3 s at 20K points).
+time per cell).
 
 **Files** (``RUN/index_v1/`` beside ``RUN/checkpoints/``; the version is in the folder name and in
 ``meta.json``): ``index.npz`` (reference coordinates, keys, cell and cluster of each reference, sorted
 by cluster; per cluster its cell, prototype and representative coordinate), ``ref_emb.npy`` (the
 L2-normalized reference embeddings, apart so that loading maps them instead of reading them: at MP-16
 scale they are gigabytes and refinement touches only the winning clusters), ``refs.faiss`` (a FAISS
-inner-product index of them, read on first use) and ``meta.json`` (format version, embedding kind, a
-fingerprint of the network weights, clustering settings, counts, the reference source, the checkpoint,
-skipped photos). The folder is written under a temporary name beside its final one and
-renamed into place, so a reader never sees half an index.
+inner-product index of them, read on first use) and ``meta.json`` (an
+:class:`~geoloc.artifacts.ArtifactMeta` of kind ``index``: format version, a fingerprint of the network
+weights, and as settings the embedding kind, clustering, counts, the reference source, the checkpoint,
+skipped photos; the flat ``meta.json`` of earlier versions still loads). The folder is written by
+:func:`geoloc.artifacts.atomic_dir`, so a reader never sees half an index.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,16 +62,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geoloc.artifacts import _umask, to_jsonable
+from geoloc.artifacts import ArtifactMeta, atomic_dir
 from geoloc.data.images import SkipReport
 from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
 from geoloc.geo.cells import Geocells
-from geoloc.retrieval.gallery import _normalize, encoder_fingerprint, top_k_inner
+from geoloc.retrieval.gallery import encoder_fingerprint
+from geoloc.retrieval.table import CellTable, top_k_inner
+from geoloc.retrieval.table import normalize as _normalize
 
 INDEX_FORMAT_VERSION = 1
 EMBEDDINGS = ("features", "image_emb")
 METHODS = ("hdbscan", "optics", "dbscan")
 NOISE = ("nearest", "singleton")
+#: How an index is rebuilt, for messages.
+REBUILD = "python -m geoloc index ckpt=RUN/checkpoints/best.ckpt data=..."
 _ARRAYS = ("ref_latlng", "ref_emb", "ref_cell", "ref_cluster", "ref_keys", "cluster_cell", "cluster_proto",
            "cluster_latlng")
 
@@ -233,33 +236,6 @@ def _segments(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.repeat(np.arange(len(lengths)), lengths)
 
 
-def _best_in_ranges(q: np.ndarray, table: np.ndarray, rows: np.ndarray, lo: np.ndarray,
-                    hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The row of ``table[lo[s]:hi[s]]`` most similar to ``q[rows[s]]``, for every range ``s``.
-
-    One matrix-vector product per range, on a view of ``table`` (no copy): 10x faster than gathering
-    all candidate rows for one batched product (76 vs 790 us per query at K=10 cells of up to 263
-    prototypes, D=768).
-
-    Args:
-        q: ``(B, D)`` normalized queries.
-        table: ``(T, D)`` normalized rows.
-        rows, lo, hi: ``(S,)`` the query and the half-open row range of each range.
-
-    Returns:
-        ``(scores (S,) float32, index (S,) int64)``: ``-inf`` and ``-1`` for an empty range; ties go to
-        the lower row.
-    """
-    scores = np.full(len(lo), -np.inf, np.float32)
-    best = np.full(len(lo), -1, np.int64)
-    todo = np.flatnonzero(hi > lo)
-    for s, r, a, b in zip(todo.tolist(), rows[todo].tolist(), lo[todo].tolist(), hi[todo].tolist()):
-        sims = table[a:b] @ q[r]
-        j = int(np.argmax(sims))
-        scores[s], best[s] = sims[j], a + j
-    return scores, best
-
-
 class RetrievalIndex:
     """Reference embeddings, their location clusters per cell, and cluster prototypes.
 
@@ -295,9 +271,9 @@ class RetrievalIndex:
         self.meta = dict(meta)
         self.source = source
         self._check()
-        m = len(self.cluster_cell)
-        self._cluster_lo = np.searchsorted(self.ref_cluster, np.arange(m), "left")
-        self._cluster_hi = np.searchsorted(self.ref_cluster, np.arange(m), "right")
+        #: the prototypes, keyed by cell, and the references, keyed by cluster (both already sorted)
+        self.prototypes = CellTable(self.cluster_proto, self.cluster_cell, self.cluster_latlng)
+        self.references = CellTable(self.ref_emb, self.ref_cluster, self.ref_latlng)
         self._faiss = None
         self._faiss_path: Path | None = None
 
@@ -439,10 +415,18 @@ class RetrievalIndex:
         return index, skipped
 
     # -- files -----------------------------------------------------------------------------------------
-    def save(self, folder: str | Path) -> Path:
-        """Writes the index folder: into a temporary folder beside it, then renamed into place.
+    def artifact_meta(self) -> ArtifactMeta:
+        """What :meth:`save` writes as ``meta.json``: kind ``index``, format version, network fingerprint and,
+        as settings, everything else of :attr:`meta`."""
+        settings = {k: v for k, v in self.meta.items() if k not in ("kind", "format_version", "fingerprint",
+                                                                     "created")}
+        return ArtifactMeta(kind="index", format_version=INDEX_FORMAT_VERSION, fingerprint=self.meta.get("fingerprint"),
+                            settings=settings)
 
-        An existing index at ``folder`` is replaced whole (moved aside, then deleted).
+    def save(self, folder: str | Path) -> Path:
+        """Writes the index folder atomically (:func:`geoloc.artifacts.atomic_dir`).
+
+        An existing index at ``folder`` is replaced whole.
 
         Returns:
             ``folder``, holding ``index.npz``, ``ref_emb.npy``, ``refs.faiss`` and ``meta.json``.
@@ -450,31 +434,15 @@ class RetrievalIndex:
         import faiss
 
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_dir(folder) as tmp:
             np.savez_compressed(tmp / "index.npz", **{k: getattr(self, k) for k in _ARRAYS if k != "ref_emb"})
             np.save(tmp / "ref_emb.npy", self.ref_emb)
             faiss.write_index(self.faiss_index, str(tmp / "refs.faiss"))
-            (tmp / "meta.json").write_text(json.dumps(to_jsonable(self.meta), indent=2) + "\n")
-            for p in tmp.iterdir():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-            old = None
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old.{os.getpid()}")
-                os.replace(folder, old)
-            os.replace(tmp, folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            self.artifact_meta().write(tmp / "meta.json")
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, *, net=None, mmap: bool = True) -> RetrievalIndex:
+    def load(cls, folder: str | Path, *, net=None, mmap: bool = True, rebuild: str = REBUILD) -> RetrievalIndex:
         """Reads an index folder.
 
         Args:
@@ -482,6 +450,7 @@ class RetrievalIndex:
             net: if given, an index built with other weights is refused.
             mmap: map the reference embeddings instead of reading them (the largest array; refinement
                 touches only the members of the winning clusters). ``refs.faiss`` is read on first use.
+            rebuild: the command that rebuilds it, for messages.
 
         Raises:
             FileNotFoundError: not an index folder.
@@ -490,34 +459,24 @@ class RetrievalIndex:
         folder = Path(folder)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{folder}: not a retrieval index (no meta.json; python -m geoloc index "
-                                    "builds one)")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{meta_path}: not JSON ({e}); the index is damaged: rebuild it with python -m "
-                             "geoloc.retrieval.index") from e
-        if not isinstance(meta, dict) or meta.get("format_version") != INDEX_FORMAT_VERSION:
-            meta = meta if isinstance(meta, dict) else {}
-            raise ValueError(f"{meta_path}: index format {meta.get('format_version')}, this geoloc reads "
-                             f"{INDEX_FORMAT_VERSION}; rebuild it with python -m geoloc index")
-        if net is not None and meta.get("fingerprint") != encoder_fingerprint(net):
-            raise ValueError(f"{folder}: built with other network weights (fingerprint {meta.get('fingerprint')}, "
-                             f"the network's is {encoder_fingerprint(net)}); rebuild it for this checkpoint")
+            raise FileNotFoundError(f"{folder}: not a retrieval index (no meta.json; {rebuild} builds one)")
+        fingerprint = encoder_fingerprint(net) if net is not None else None
+        stored = ArtifactMeta.read(meta_path, kind="index", format_version=INDEX_FORMAT_VERSION,
+                                   fingerprint=fingerprint, rebuild=rebuild)
+        meta = {"format_version": stored.format_version, "fingerprint": stored.fingerprint, **stored.settings}
         for name in ("index.npz", "ref_emb.npy"):
             if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder / name}: missing from the index folder; rebuild it with "
-                                        "python -m geoloc index")
+                raise FileNotFoundError(f"{folder / name}: missing from the index folder; rebuild it ({rebuild})")
         try:
             with np.load(folder / "index.npz", allow_pickle=False) as z:
                 missing = [k for k in _ARRAYS if k != "ref_emb" and k not in z.files]
                 if missing:
-                    raise ValueError(f"{folder / 'index.npz'}: missing array(s) {missing}")
+                    raise ValueError(f"{folder / 'index.npz'}: missing array(s) {missing}; rebuild it ({rebuild})")
                 arrays = {k: z[k] for k in _ARRAYS if k != "ref_emb"}
             arrays["ref_emb"] = np.load(folder / "ref_emb.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
         except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
             raise ValueError(f"{folder}: an index file cannot be read ({type(e).__name__}: {e}); the index is "
-                             "damaged: rebuild it with python -m geoloc index") from e
+                             f"damaged: rebuild it ({rebuild})") from e
         index = cls(**arrays, meta=meta, source=str(folder))
         index._faiss_path = folder / "refs.faiss"
         return index
@@ -557,8 +516,8 @@ class RetrievalIndex:
         Args:
             query: ``(B, D)`` embeddings of the kind ``meta["embedding"]``.
             k: how many.
-            backend: ``blas`` (one matrix product: 3.4x faster than FAISS's flat index on this 2-core
-                CPU, 100K x 768) or ``faiss`` (:attr:`faiss_index`, the saved ``refs.faiss``).
+            backend: ``blas`` (one exact matrix product; the faster on CPU) or ``faiss``
+                (:attr:`faiss_index`, the saved ``refs.faiss``).
 
         Returns:
             ``(scores (B, k) float32, indices (B, k) int64)``: cosine similarities, best first.
@@ -572,7 +531,7 @@ class RetrievalIndex:
         return top_k_inner(q, self.ref_emb, k)
 
     def score_cells(self, query, cand_cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Best prototype of each candidate cell.
+        """Best prototype of each candidate cell (:meth:`CellTable.best_in_cells` on :attr:`prototypes`).
 
         Args:
             query: ``(B, D)`` embeddings of the kind ``meta["embedding"]`` (normalized here).
@@ -584,12 +543,7 @@ class RetrievalIndex:
             references.
         """
         q = self._queries(query)
-        cand = np.asarray(cand_cells, np.int64).reshape(len(q), -1)
-        lo = np.searchsorted(self.cluster_cell, cand, "left")  # a cell's prototypes are contiguous
-        hi = np.searchsorted(self.cluster_cell, cand, "right")
-        rows = np.repeat(np.arange(len(q)), cand.shape[1])
-        scores, best = _best_in_ranges(q, self.cluster_proto, rows, lo.ravel(), hi.ravel())
-        return scores.reshape(cand.shape), best.reshape(cand.shape)
+        return self.prototypes.best_in_cells(q, np.asarray(cand_cells, np.int64).reshape(len(q), -1))
 
     def nearest_in_cluster(self, query, cluster: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The reference of each query's cluster whose embedding is most similar to the query.
@@ -609,10 +563,8 @@ class RetrievalIndex:
         if np.any(cluster >= len(self.cluster_cell)) or np.any(cluster < -1):
             raise IndexError(f"cluster ids must lie in -1..{len(self.cluster_cell) - 1}, got "
                              f"{cluster.min()}..{cluster.max()}")
-        has = cluster >= 0
-        lo = np.where(has, self._cluster_lo[np.maximum(cluster, 0)], 0)
-        hi = np.where(has, self._cluster_hi[np.maximum(cluster, 0)], 0)
-        _, idx = _best_in_ranges(q, self.ref_emb, np.arange(len(q)), lo, hi)
+        _, idx = self.references.best_in_cells(q, cluster[:, None])
+        idx = idx[:, 0]
         latlng = np.full((len(q), 2), np.nan)
         latlng[idx >= 0] = self.ref_latlng[idx[idx >= 0]]
         return latlng, idx
