@@ -1,4 +1,4 @@
-"""The evidence study (issue 6): how well the evidence heads read real photos, and what the evidence
+"""The evidence study: how well the evidence heads read real photos, and what the evidence
 reranking and the reasoning chain do with them.
 
     .venv/bin/python bench/bench_evidence.py [--out outputs/evidence_study]
@@ -53,7 +53,7 @@ def _train(out: Path, cells: Path, name: str, extra: list[str]) -> None:
         return
     _run([PY, "train.py", "experiment=im2gps3k_dev", f"data.root={SHARED / 'im2gps3k-dev'}", f"cells={cells}",
               "trainer.enable_progress_bar=false", f"output_dir={run}", "ckpt_path=last",
-              "model.geoclip_weights=true", *extra], out / "runs" / f"{name}.log")
+              "model/location_encoder=geoclip", *extra], out / "runs" / f"{name}.log")
     (run / "done").touch()
 
 
@@ -186,7 +186,7 @@ def report(out: Path, heads: list[str]) -> None:
     result = {
         "data": "im2gps3k-dev, 5 photographer-disjoint folds: train 0-2, weights chosen on 3, test 4",
         "cells": "310 semantic geocells from the 100K MP-16 gallery with cell evidence (min 400, max 4000 points)",
-        "budget": f"experiment=im2gps3k_dev + model.geoclip_weights=true, every head at loss weight {HEAD_WEIGHT}; "
+        "budget": f"experiment=im2gps3k_dev + model/location_encoder=geoclip, every head at loss weight {HEAD_WEIGHT}; "
                   "last checkpoint (25 epochs)",
         "train_seconds": {n: _train_seconds(out / "runs" / n) for n in ("evidence", "plain")},
         "val_median_km_per_epoch": {n: _val_curve(out / "runs" / n) for n in ("evidence", "plain")},

@@ -54,7 +54,7 @@ PY = sys.executable
 VARIANTS = {  # name -> train.py overrides on top of experiment=im2gps3k_dev
     "cls": ["model.module.tau_km=0", "model.module.loss_weights.gps=0"],
     "smooth": ["model.module.loss_weights.gps=0"],
-    "contrastive": ["model.geoclip_weights=true"],
+    "contrastive": ["model/location_encoder=geoclip"],
 }
 TEMPERATURES = (0.01, 0.03, 0.1)
 

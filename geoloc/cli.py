@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 #: Exceptions that mean "the input is wrong", when raised with a message for people.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, IsADirectoryError,
-                                                NotADirectoryError, PermissionError, FileExistsError)
+                                                NotADirectoryError, PermissionError, FileExistsError,
+                                                ModuleNotFoundError)  # an optional package not installed
 EXIT_USER_ERROR = 2
 
 

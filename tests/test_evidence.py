@@ -1,4 +1,4 @@
-"""Evidence labels from coordinates (issue 6, part 1): golden places, masking, caching."""
+"""Evidence labels from coordinates: golden places, masking, caching."""
 
 import numpy as np
 import pandas as pd

@@ -1,4 +1,4 @@
-"""The reasoning chain (issue 6, parts 4 and 5): faithful to the model's outputs, by test."""
+"""The reasoning chain: faithful to the model's outputs, by test."""
 
 import re
 

@@ -1,4 +1,4 @@
-"""Evidence labels from coordinates: what every geotagged dataset gets for free (issue 6, part 1).
+"""Evidence labels from coordinates: what every geotagged dataset gets for free.
 
 Each *head* is a small classification the reasoning head predicts from the image; its training label
 is looked up from the photo's coordinates (or, for the scene, from the dataset's own column):
@@ -28,8 +28,8 @@ scene          indoor, natural, urban: the Places365 ``S3_Label`` column (0, 1, 
 =============  =================================================================================
 
 Labels are class indices (``int16``), ``-1`` where the head has no value (masked out of its loss).
-:func:`evidence_labels` is vectorized (about a second for 100K points after the one-off raster
-loads); :func:`dataset_evidence_labels` caches a dataset's table under ``$GEOLOC_CACHE/evidence``,
+:func:`evidence_labels` is vectorized (the rasters load once per process);
+:func:`dataset_evidence_labels` caches a dataset's table under ``$GEOLOC_CACHE/evidence``,
 keyed by a hash of its coordinates and scene column, written atomically.
 """
 

@@ -1,8 +1,8 @@
-"""Text in the photo (issue 6, part 5, optional): read visible text and name the script it is written in.
+"""Text in the photo (optional): read visible text and name the script it is written in.
 
 Uses ``rapidocr-onnxruntime`` (Apache-2.0), whose detection and recognition models ship inside its
 wheel, so nothing is downloaded. Install it with ``pip install -e '.[ocr]'``; it is imported only when
-a :class:`TextReader` is made (``ModelPredictor(ocr=True)``, ``conf/predictor/model_ocr.yaml``,
+a :class:`TextReader` is made (a predictor with ``ocr=True``: ``predictor=model_explain`` in evaluate.py,
 ``geoloc-predict --explain --ocr``).
 
 Limits: the recognizer bundled in the wheel (PP-OCR, Chinese model) reads Chinese characters, Latin letters

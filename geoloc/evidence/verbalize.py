@@ -1,4 +1,4 @@
-"""Verbalizer: a reasoning chain that only says what the model computed (issue 6, part 4).
+"""Verbalizer: a reasoning chain that only says what the model computed.
 
 A chain has three stages, as a person reasons about a photo (GRE Suite):
 

@@ -135,6 +135,10 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # timm imports wandb when it is installed, only for its training summaries: a third of a second this
+    # command never uses (it only runs when geoloc-predict is the program, never on library import)
+    if __name__ == "__main__" or Path(sys.argv[0]).name == "geoloc-predict":
+        sys.modules.setdefault("wandb", None)
     parser = argparse.ArgumentParser(prog="geoloc-predict", description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", help="image files")
