@@ -154,7 +154,7 @@ def main() -> None:
         "bare_forward_share_of_peak": round(bare_gflops / peak_gflops, 3),
         "index_references": args.references if index_build_s is not None else None,
         "index_build_s": None if index_build_s is None else round(index_build_s, 2),
-        "gallery_size": len(predictors["gallery"].gallery),
+        "gallery_size": len(predictors["gallery"].scorer("gallery").table),
         "torch": str(torch.__version__), "threads": torch.get_num_threads(), "cores": os.cpu_count(),
         "machine": platform.machine(),
     }

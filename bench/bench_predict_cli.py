@@ -7,8 +7,8 @@ Runs, in fresh interpreters and alternating so that machine noise hits all alike
 * ``python -c "import torch"``: the floor every torch program pays;
 * ``geoloc-predict PHOTO --model MODEL`` for a ``train.py`` checkpoint, and for the exported ``model.pt``
   beside it when there is one (``make demo`` leaves both);
-* the modules the checkpoint path imports (``-X importtime`` is not needed: the child lists ``sys.modules``),
-  to show that prediction does not import Lightning, webdataset or Hydra.
+* the heavy modules the command imports for a checkpoint (a child runs it and lists ``sys.modules``), to
+  show that prediction does not import Lightning, webdataset, Hydra or wandb.
 
 Defaults: the ``make demo`` run (``outputs/demo``) and its first test photo. Writes
 ``bench/results/predict_cli.json`` (best and median seconds of each, the ratio to ``import torch``, the cores).
@@ -50,9 +50,9 @@ def _first_photo(demo: Path) -> Path:
 
 
 def _imported(model: Path, photo: Path) -> list[str]:
-    code = ("import sys; from geoloc.inference.cli import load_predictor, predict_files; "
-            f"p = load_predictor({str(model)!r}); predict_files([{str(photo)!r}], p); "
-            "print('\\n'.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    code = ("import sys; sys.argv[0] = 'geoloc-predict'; from geoloc.inference.cli import main; "
+            f"main([{str(photo)!r}, '--model', {str(model)!r}]); "
+            "print('\\n'.join(sorted({m.split('.')[0] for m in sys.modules if sys.modules[m] is not None})))")
     r = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     return [m for m in r.stdout.split() if m in HEAVY]
 

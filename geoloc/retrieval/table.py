@@ -37,10 +37,16 @@ def top_k_inner(q: np.ndarray, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.
     Returns:
         ``(scores (B, k) float32, indices (B, k) int64)``, best first, ties by index.
     """
-    sims = q @ emb.T  # (B, N)
     n = emb.shape[0]
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(q), 1))
-    top_s = np.take_along_axis(sims, top, axis=1)
+    if k < n and emb.flags.writeable and q.flags.writeable:  # torch's top-k runs on every core
+        import torch
+
+        top_s, top = (torch.from_numpy(np.ascontiguousarray(q)) @ torch.from_numpy(emb).T).topk(k, dim=1)
+        top_s, top = top_s.numpy(), top.numpy()
+    else:  # read-only (memory-mapped) tables stay in numpy
+        sims = q @ emb.T  # (B, N)
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(q), 1))
+        top_s = np.take_along_axis(sims, top, axis=1)
     order = np.lexsort((top, -top_s), axis=1)
     return np.take_along_axis(top_s, order, axis=1), np.take_along_axis(top, order, axis=1).astype(np.int64)
 
