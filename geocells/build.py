@@ -817,7 +817,7 @@ def write_geocells(cells, path: str | Path, *, meta: dict) -> Path:
         table = pq.read_table(tmp)
         md = dict(table.schema.metadata or {})
         md[METADATA_KEY] = json.dumps({"format_version": GEOCELLS_FORMAT_VERSION, **meta}).encode()
-        pq.write_table(table.replace_schema_metadata(md), tmp)
+        pq.write_table(table.replace_schema_metadata(md), tmp, compression="zstd")
     return Path(path)
 
 
@@ -949,7 +949,10 @@ def _main(cfg) -> None:
                                    bridge_km=cfg.bridge_km)
     if cfg.evidence:
         cells = add_cell_evidence(cells, points)
-    meta = {"scheme": cfg.scheme, "evidence": bool(cfg.evidence), "min_points": cfg.min_points,
+    if not cfg.geometry:  # a small file: areas then come from the member H3 cells' mean areas
+        cells = pd.DataFrame(cells.drop(columns="geometry"))
+    meta = {"scheme": cfg.scheme, "evidence": bool(cfg.evidence), "geometry": bool(cfg.geometry),
+            "min_points": cfg.min_points,
             "max_points": cfg.max_points, "res": cfg.res, "max_res": cfg.max_res, "seed": cfg.seed,
             "bridge_km": cfg.bridge_km, "centroid": "medoid",
             "points": str(cfg.points), "points_split": cfg.points_split, "n_points": len(points),

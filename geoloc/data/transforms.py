@@ -27,10 +27,46 @@ def train_transform(data_config: dict, scale: tuple[float, float] = (0.5, 1.0)):
 
 
 def eval_transform(data_config: dict):
-    """timm's evaluation transform (resize, centre crop, normalize) for the backbone."""
+    """The evaluation transform for the backbone: timm's (resize, centre crop, normalize), or Hugging Face's
+    CLIP image processor when ``data_config["preprocess"] == "clip"`` (:func:`clip_processor_transform`)."""
+    config = dict(data_config)
+    if config.pop("preprocess", "timm") == "clip":
+        return clip_processor_transform(config)
     from timm.data import create_transform
 
-    return create_transform(**data_config, is_training=False)
+    return create_transform(**config, is_training=False)
+
+
+class clip_processor_transform:  # noqa: N801 - used like a function, as torchvision's transforms are
+    """PIL image -> normalized ``(3, S, S)`` float tensor exactly as Hugging Face's ``CLIPImageProcessor``
+    (its torchvision backend, which GeoCLIP's ``preprocess_image`` runs) does it: the uint8 image resized so
+    its shortest side is ``S`` (bicubic, antialiased, the long side ``int(S * long / short)``), centre-cropped
+    at ``int((size - S) / 2)``, then ``(x - 255 mean) / (255 std)``.
+
+    Args:
+        data_config: ``input_size`` ``(3, S, S)``, ``mean``, ``std``.
+    """
+
+    def __init__(self, data_config: dict):
+        import torch
+
+        self.size = int(data_config["input_size"][-1])
+        self.mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(3, 1, 1) * 255.0
+        self.std = torch.tensor(data_config["std"], dtype=torch.float32).view(3, 1, 1) * 255.0
+
+    def __call__(self, image):
+        import numpy as np
+        import torch
+        from torchvision.transforms.v2 import functional as tvF
+
+        x = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W) uint8
+        h, w = int(x.shape[1]), int(x.shape[2])
+        s = self.size
+        new = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+        x = tvF.resize(x, list(new), interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+        top, left = int((new[0] - s) / 2.0), int((new[1] - s) / 2.0)
+        x = x[:, top:top + s, left:left + s]
+        return (x.to(torch.float32) - self.mean) / self.std
 
 
 def decode_sample(photo, *, key: str, latlng, labels: Mapping[str, int] | None = None,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 import time
@@ -52,7 +53,7 @@ from geoloc.evaluation.metrics import (
     recall_area_auc,
     recall_vs_area,
 )
-from geoloc.geo import haversine_km
+from geoloc.geo import EARTH_RADIUS_KM, haversine_km
 from geoloc.inference.base import Prediction, Predictor
 
 BASE_COLUMNS = ["IMG_ID", "true_lat", "true_lng", "pred_lat", "pred_lng", "distance_km"]
@@ -79,12 +80,17 @@ def _batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
+#: The error of a photo a predictor did not answer (scored as a failure): the largest distance on Earth.
+UNANSWERED_KM = math.pi * EARTH_RADIUS_KM
+
+
 def _rows(batch: list[Item], pred: Prediction, cells=None) -> list[list]:
     true = np.array([it.latlng for it in batch], dtype=np.float64)  # (B, 2)
     guess = np.asarray(pred.latlng, dtype=np.float64)  # (B, 2)
     if guess.shape != true.shape:
         raise ValueError(f"predictor returned latlng of shape {guess.shape} for a batch of {len(batch)}")
-    dist = haversine_km(true, guess)
+    answered = np.isfinite(guess).all(axis=1)  # NaN: the predictor gave no answer (a failure, at UNANSWERED_KM)
+    dist = np.where(answered, haversine_km(true, np.where(answered[:, None], guess, 0.0)), UNANSWERED_KM)
     cols = [np.array([it.key for it in batch], dtype=object)[:, None], true, guess, dist[:, None]]
     if pred.topk_latlng is not None:
         k = pred.topk_latlng.shape[1]
@@ -100,6 +106,14 @@ def _rows(batch: list[Item], pred: Prediction, cells=None) -> list[list]:
             block[:, j] = c.tolist()
         cols.append(block)
     return np.concatenate([np.asarray(c, dtype=object) for c in cols], axis=1).tolist()
+
+
+def _select(pred: Prediction, keep: np.ndarray) -> Prediction:
+    """The rows ``keep`` of a prediction."""
+    pick = (lambda a: None if a is None else np.asarray(a)[keep])  # noqa: E731
+    chains = None if pred.explanations is None else [c for c, k in zip(pred.explanations, keep) if k]
+    return Prediction(pick(pred.latlng), pick(pred.topk_latlng), pick(pred.topk_prob), pick(pred.topk_cells),
+                      pick(pred.cell_prob), chains)
 
 
 def _topk_columns(k: int) -> list[str]:
@@ -170,6 +184,13 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
                 raise ValueError(f"{predictor.name} needs photos but {source.name} was read without images "
                                  "(data.images=null?)")
             pred = predictor.predict([it.image for it in batch], [it.key for it in batch])
+            if getattr(predictor, "unanswered", "fail") == "skip":  # photos without an answer are left out
+                keep = np.isfinite(np.asarray(pred.latlng, np.float64)).all(axis=1)
+                for it in (it for it, k in zip(batch, keep) if not k):
+                    skipped.add(it.key, "unanswered", f"{predictor.name} gave no answer")
+                batch, pred = [it for it, k in zip(batch, keep) if k], _select(pred, keep)
+                if not batch:
+                    continue
             rows = _rows(batch, pred, cells)
             k = 0 if pred.topk_latlng is None else pred.topk_latlng.shape[1]
             header = BASE_COLUMNS + _topk_columns(k) + (CELL_COLUMNS if cells is not None and
@@ -217,6 +238,9 @@ def score(output_dir: str | Path, *, country_of: Callable[[np.ndarray], np.ndarr
     skip_path = out / "skipped.csv"
     sk = pd.read_csv(skip_path, dtype=str) if skip_path.exists() else pd.DataFrame(columns=SKIP_COLUMNS)
     metrics = distance_metrics(df["distance_km"].to_numpy(dtype=np.float64))
+    answered = df[["pred_lat", "pred_lng"]].notna().all(axis=1).to_numpy()
+    metrics["n_unanswered"] = int((~answered).sum())
+    df = df[answered] if not answered.all() else df  # region accuracies: over the photos that have an answer
     metrics["n_skipped"] = int(len(sk))
     metrics["skipped_by_reason"] = {str(k): int(v) for k, v in sk["reason"].value_counts().sort_index().items()}
     if country_of is not None and len(df):
@@ -268,6 +292,12 @@ def results_markdown(metrics: dict) -> str:
     if metrics["n_skipped"]:
         lines.append(f" ({', '.join(f'{k}: {v}' for k, v in metrics['skipped_by_reason'].items())})")
     lines.append(".\n")
+    if metrics.get("n_unanswered"):
+        lines.append(f"{metrics['n_unanswered']} photo(s) had no answer from the predictor and are scored as failures "
+                     f"(error {UNANSWERED_KM:,.0f} km, half the Earth's circumference).\n")
+    if metrics["predictor"].get("random_clip"):
+        lines.append("\n> **RANDOM CLIP WEIGHTS.** This GeoCLIP model ran with randomly initialised CLIP weights to "
+                     "test the code path: its numbers are not GeoCLIP's and say nothing about accuracy.\n\n")
     if "acc_country" in metrics:
         lines.append(f"Country accuracy: {metrics['acc_country']:.1f}% over the {metrics['n_country']} photos "
                      "whose true and predicted countries are both known.\n")

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 
@@ -117,3 +118,81 @@ class PriorPredictor:
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": "prior", "n_reference": len(self.reference), "seed": self.seed}
+
+
+class FilePredictor:
+    """Another system's answers, read from a file: how GeoCLIP's, PIGEON's or an LVLM pipeline's predictions
+    are scored beside geoloc's own rows (``evaluate.py predictor=file predictor.path=CSV``).
+
+    Args:
+        answers: ``{image id: (lat, lng)}``; NaN coordinates mean "no answer".
+        source: the file they came from (reports).
+        unanswered: ``fail`` (default): a photo without an answer is scored as a failure (the largest possible
+            error); ``skip``: it is left out and counted in ``skipped.csv`` (reason ``unanswered``).
+        name: report name.
+    """
+
+    needs_images = False
+
+    def __init__(self, answers: dict[str, tuple[float, float]], *, source: str = "<memory>", unanswered: str = "fail",
+                 name: str = "file"):
+        if unanswered not in ("fail", "skip"):
+            raise ValueError(f"unanswered must be 'fail' or 'skip', got {unanswered!r}")
+        self.answers, self.source, self.unanswered, self.name = dict(answers), str(source), unanswered, name
+        self.n_asked = 0
+        self.n_missing = 0
+
+    def predict(self, images, keys) -> Prediction:
+        nan = (float("nan"), float("nan"))
+        got = [self.answers.get(str(k), nan) for k in keys]
+        self.n_asked += len(keys)
+        self.n_missing += sum(1 for g in got if not np.isfinite(g).all())
+        return Prediction(np.array(got, dtype=np.float64).reshape(len(keys), 2))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": "file", "path": self.source, "n_answers": len(self.answers),
+                "unanswered": self.unanswered}
+
+
+def read_predictions_file(path: str | Path, *, id_column: str = "IMG_ID", lat_column: str = "lat",
+                          lng_column: str = "lng", unanswered: str = "fail", name: str = "file") -> FilePredictor:
+    """A :class:`FilePredictor` from a CSV of one answer per image (``IMG_ID,lat,lng`` by default).
+
+    An empty latitude or longitude is "no answer". Column names are matched exactly, then case-insensitively.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a missing column, a repeated image id, or a coordinate out of range (the message names the
+            file line).
+    """
+    import pandas as pd
+
+    from geoloc.data.readers import _read_csv  # the readers' CSV checks (empty, header only, not CSV)
+
+    path = Path(path)
+    df = _read_csv(path)
+    cols = {str(c).strip().lower(): c for c in df.columns}
+
+    def column(want: str) -> str:
+        if want in df.columns:
+            return want
+        if want.lower() in cols:
+            return cols[want.lower()]
+        raise ValueError(f"{path}: no column {want!r} (found {list(df.columns)[:12]}); name it with "
+                         f"predictor.id_column / lat_column / lng_column")
+
+    idc, latc, lngc = column(id_column), column(lat_column), column(lng_column)
+    keys = df[idc].astype(str)
+    dup = keys[keys.duplicated(keep=False)]
+    if len(dup):
+        raise ValueError(f"{path}: image id {dup.iloc[0]!r} is answered on several lines "
+                         f"{[int(i) for i in keys.index[keys == dup.iloc[0]]][:5]}; keep one answer per image")
+    latlng = np.stack([pd.to_numeric(df[latc], errors="coerce").to_numpy(np.float64),
+                       pd.to_numeric(df[lngc], errors="coerce").to_numpy(np.float64)], axis=1)
+    given = ~(df[latc].isna().to_numpy() | df[lngc].isna().to_numpy())
+    labels = [f"{line} ({k})" for line, k in zip(df.index, keys)]
+    checked = validate_latlng(latlng[given], what=f"{path} (row = file line)",
+                              row_labels=[lbl for lbl, g in zip(labels, given) if g])
+    latlng[given] = checked
+    return FilePredictor({k: (float(a), float(b)) for k, (a, b) in zip(keys, latlng)}, source=str(path),
+                         unanswered=unanswered, name=name)

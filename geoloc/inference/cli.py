@@ -86,10 +86,18 @@ def predict_files(paths: list[str], predictor, *, batch_size: int = 32) -> list[
 
 
 def load_predictor(model: str, *, cells: str | None = None, refine: str = "none", index: str | None = None,
-                   gallery: str | None = None, topk: int | None = None, device: str = "cpu", explain: bool = False,
-                   ocr: bool = False):
-    """A predictor for ``--model``: an exported TorchScript file or a ``train.py`` checkpoint (told apart by
-    content, not by name)."""
+                   clip_weights: str | None = None, gallery: str | None = None, topk: int | None = None,
+                   device: str = "cpu", explain: bool = False, ocr: bool = False):
+    """A predictor for ``--model``: ``geoclip`` (GeoCLIP's released model), an exported TorchScript file or a
+    ``train.py`` checkpoint (the last two told apart by content, not by name)."""
+    if model == "geoclip":
+        if refine != "none":
+            raise ValueError("--model geoclip answers GeoCLIP's way (the best gallery point); --refine applies to "
+                             "train.py checkpoints (give --index for prototype refinement)")
+        from geoloc.inference.geoclip import build_geoclip_predictor
+
+        return build_geoclip_predictor(clip_weights, cells=cells, index=index, topk=topk or 5, device=device,
+                                       explain=explain, ocr=ocr)
     from geoloc.models.loading import is_torchscript
 
     if Path(model).is_file() and is_torchscript(model):
@@ -142,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="geoloc-predict", description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--model", required=True, help="a checkpoint written by train.py (RUN/checkpoints/*.ckpt) "
-                        "or a model exported by python -m geoloc export (model.pt)")
+    parser.add_argument("--model", required=True, help="a checkpoint written by train.py (RUN/checkpoints/*.ckpt), "
+                        "a model exported by python -m geoloc export (model.pt), or geoclip (GeoCLIP's released "
+                        "model; needs --clip-weights)")
+    parser.add_argument("--clip-weights", default=None, help="with --model geoclip: CLIP ViT-L/14 weights (a file, a "
+                        "folder, or a hub name where there is internet)")
     parser.add_argument("--topk", type=_positive_int, default=None,
                         help="ranked cells to show (default 5; an exported model: as many as it returns)")
     parser.add_argument("--refine", default="none", choices=list(REFINE_CHOICES))
@@ -161,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         predictor = load_predictor(args.model, cells=args.cells, refine=args.refine, index=args.index,
-                                   gallery=args.gallery, topk=args.topk, device=args.device, explain=args.explain,
-                                   ocr=args.ocr)
+                                   clip_weights=args.clip_weights, gallery=args.gallery, topk=args.topk,
+                                   device=args.device, explain=args.explain, ocr=args.ocr)
     except (ImportError, *USER_ERRORS) as e:
         message = user_message(e) or str(e)
         if os.environ.get("GEOLOC_DEBUG"):

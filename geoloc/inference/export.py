@@ -57,10 +57,12 @@ class _Backbone(nn.Module):
     def __init__(self, net):
         super().__init__()
         self.image_encoder, self.cell_head, self.image_proj = net.image_encoder, net.cell_head, net.image_proj
+        self.cell_input = getattr(net, "cell_input", "features")  # fixed when traced
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.image_encoder(x)
-        return features, self.cell_head(features), self.image_proj(features)
+        image_emb = self.image_proj(features)
+        return features, self.cell_head(image_emb if self.cell_input == "image_emb" else features), image_emb
 
 
 class ExportedGeolocator(nn.Module):

@@ -248,7 +248,9 @@ class ModelPredictor:
         return explain(out, pred, self.cells, ocr=text, refine=self.refine)
 
     def describe(self) -> dict:
-        d = {"name": self.name, "kind": "model", "ckpt": str(self.ckpt), "cells": str(self.cells_path),
+        run = self.model.run_config or {}
+        d = {"name": self.name, "kind": "geoclip" if run.get("model") == "geoclip" else "model",
+             "ckpt": str(self.ckpt), "cells": str(self.cells_path),
              "n_cells": len(self.cells), "backbone": self.net.image_encoder.name, "refine": self.refine,
              "topk": self.topk, "compiled": self.compiled, "explain": self.explain, "ocr": self._ocr is not None}
         if self.refine_requested != self.refine:
@@ -257,6 +259,8 @@ class ModelPredictor:
             d.update(candidates=self.candidates, weights=dict(self.weights))
         for s in self.scorers:
             d.update(s.describe())
+        if d["kind"] == "geoclip":
+            d.update(clip_weights=run.get("clip_weights"), random_clip=bool(run.get("random_clip")))
         return d
 
 

@@ -20,15 +20,25 @@ class GeoLocator(nn.Module):
         dropout: before the cell head.
         evidence_heads: ``{head: number of classes}`` of evidence heads (:mod:`geoloc.evidence.labels`)
             on the same features; none by default.
+        cell_head: another cell head than the trained linear one (GeoCLIP's gallery mass per cell,
+            :class:`geoloc.models.geoclip.GallerySumHead`).
+        cell_input: what the cell head reads: ``features`` (the backbone's) or ``image_emb`` (the projection
+            into the location encoder's space).
     """
 
     def __init__(self, image_encoder: ImageEncoder, location_encoder: nn.Module, num_cells: int,
-                 dropout: float = 0.0, evidence_heads: dict[str, int] | None = None):
+                 dropout: float = 0.0, evidence_heads: dict[str, int] | None = None, cell_head: nn.Module | None = None,
+                 cell_input: str = "features"):
         super().__init__()
+        if cell_input not in ("features", "image_emb"):
+            raise ValueError(f"cell_input must be 'features' or 'image_emb', got {cell_input!r}")
         self.image_encoder = image_encoder
         self.location_encoder = location_encoder
         d = image_encoder.num_features
-        self.cell_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(d, num_cells))
+        if cell_head is None:
+            cell_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(d, num_cells))
+        self.cell_head = cell_head
+        self.cell_input = cell_input
         self.image_proj = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, location_encoder.out_features))
         self.num_cells = num_cells
         self.evidence = nn.ModuleDict({h: nn.Linear(d, int(k)) for h, k in (evidence_heads or {}).items()})
@@ -41,7 +51,9 @@ class GeoLocator(nn.Module):
             evidence head, ``evidence/<head> [B, K]`` logits.
         """
         features = self.image_encoder(images)
-        out = {"features": features, "cell_logits": self.cell_head(features), "image_emb": self.image_proj(features)}
+        image_emb = self.image_proj(features)
+        out = {"features": features, "image_emb": image_emb,
+               "cell_logits": self.cell_head(image_emb if self.cell_input == "image_emb" else features)}
         for head, layer in self.evidence.items():
             out[f"evidence/{head}"] = layer(features)
         return out
@@ -52,7 +64,8 @@ class GeoLocator(nn.Module):
 
 
 def build_geolocator(backbone: ImageEncoder, location_encoder: nn.Module, num_cells: int, dropout: float = 0.0,
-                     evidence_heads: Mapping[str, float] | Sequence[str] | None = None) -> GeoLocator:
+                     evidence_heads: Mapping[str, float] | Sequence[str] | None = None,
+                     image_proj: str | None = None) -> GeoLocator:
     """The network a config describes (``model.net``), and what :func:`~geoloc.models.loading.load_checkpoint`
     rebuilds from a run's saved config.
 
@@ -64,9 +77,11 @@ def build_geolocator(backbone: ImageEncoder, location_encoder: nn.Module, num_ce
         evidence_heads: the evidence heads to add, by name (:data:`geoloc.evidence.labels.HEADS` sizes them):
             a list of names, or the loss weights ``{head: w}`` of ``model.evidence``, where a head with
             ``w > 0`` gets a head.
+        image_proj: ``geoclip`` starts the projection into the location encoder's space from GeoCLIP's
+            released image MLP (needs a backbone with CLIP's 768-d projection); None: random.
 
     Raises:
-        ValueError: an unknown evidence head.
+        ValueError: an unknown evidence head, or an unknown ``image_proj``.
     """
     sizes = {}
     if evidence_heads:
@@ -77,4 +92,11 @@ def build_geolocator(backbone: ImageEncoder, location_encoder: nn.Module, num_ce
         weights = (dict(evidence_heads) if isinstance(evidence_heads, Mapping)
                    else dict.fromkeys(evidence_heads, 1.0))
         sizes = evidence_head_sizes(weights)
-    return GeoLocator(backbone, location_encoder, num_cells=num_cells, dropout=dropout, evidence_heads=sizes)
+    net = GeoLocator(backbone, location_encoder, num_cells=num_cells, dropout=dropout, evidence_heads=sizes)
+    if image_proj == "geoclip":
+        from geoloc.models.geoclip import load_geoclip_image_mlp
+
+        load_geoclip_image_mlp(net.image_proj)
+    elif image_proj is not None:
+        raise ValueError(f"image_proj must be null or 'geoclip', got {image_proj!r}")
+    return net

@@ -50,7 +50,12 @@ _PLAIN = (str, int, float, bool, type(None))
 
 
 def _image_encoder_architecture(**settings) -> ImageEncoder:
-    return ImageEncoder(**{**settings, "pretrained": False})  # the weights come from the checkpoint
+    # the weights come from the checkpoint: neither timm's hub nor a CLIP weights file is read
+    return ImageEncoder(**{**settings, "pretrained": False, "weights": None})
+
+
+def _geolocator_architecture(**settings) -> GeoLocator:
+    return build_geolocator(**{**settings, "image_proj": None})  # GeoCLIP's MLP comes from the checkpoint too
 
 
 def _geoclip_architecture(path: str | None = None) -> LocationEncoder:
@@ -60,7 +65,7 @@ def _geoclip_architecture(path: str | None = None) -> LocationEncoder:
 
 #: What each allowed target builds when a run is loaded: the architecture, never any weights file.
 _BUILDERS: dict[str, Callable] = {
-    "geoloc.models.geolocator.build_geolocator": build_geolocator,
+    "geoloc.models.geolocator.build_geolocator": _geolocator_architecture,
     "geoloc.models.image_encoder.ImageEncoder": _image_encoder_architecture,
     "geoloc.models.location_encoder.LocationEncoder": LocationEncoder,
     "geoloc.models.location_encoder.LocationEncoder.from_geoclip": _geoclip_architecture,
