@@ -97,7 +97,13 @@ def to_timm_layout(state: dict[str, torch.Tensor], model) -> dict[str, torch.Ten
                      "Hugging Face (vision_model.*), OpenAI/open_clip (visual.*) or timm (cls_token, blocks.*)")
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a ``torch.save`` file (read as data, ``weights_only``),
+    unwrapped from a checkpoint's ``state_dict`` / ``model`` key.
+
+    Raises:
+        ValueError: the file cannot be read as weights or holds no state dict.
+    """
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -166,7 +172,7 @@ def load_clip_weights(model, spec: str | Path) -> None:
         ValueError: an unreadable file, an unknown layout, or weights of another shape.
     """
     path = locate_weights(spec)
-    state = to_timm_layout(_read_file(path), model)
+    state = to_timm_layout(read_weights_file(path), model)
     if "head.weight" not in state and getattr(model, "num_classes", 0):
         raise ValueError(f"{path}: has no image projection (visual_projection / proj), which the model keeps")
     try:
