@@ -6,11 +6,19 @@
     python train.py ... trainer=ddp trainer.devices=8 trainer.num_nodes=2       # several GPUs / nodes
     python train.py ... trainer=ddp_cpu                    # 2 CPU processes (gloo), to try DDP anywhere
     python train.py ... ckpt_path=last                     # resume the run in output_dir exactly
+    python train.py experiment=im2gps3k_features data.root=DIR cells=CELLS backbone=...  # heads on cached features
+    python train.py experiment=im2gps3k_features ... backbone.trainable_blocks=2    # the same, fine-tuning on photos
 
 Every object is built by Hydra from its config node: the cells (``geocells``, from ``cells=PATH``), the
 network (``model.net``, which nests the ``backbone`` and ``model.location_encoder`` groups), the
 LightningModule (``model.module``), the data (``data.datamodule``), callbacks, loggers and the trainer.
 The number of geocells comes from the cells file, never from the config.
+
+With ``features.enabled=true`` (or ``auto`` when the backbone is frozen and ``augment=false``) the heads
+train on the backbone's features of the train and validation photos, embedded once and cached
+(``features.store``: :class:`geoloc.data.features.FeatureStore`, which reuses a valid cache or builds one;
+``python -m geoloc features`` builds them ahead). The backbone stays in the network and in its checkpoints,
+so a run trained on features predicts from photos like any other.
 
 Finished work is never replaced (:mod:`geoloc.training.guards`): an ``output_dir`` that holds checkpoints
 is refused unless the command resumes that run (``ckpt_path=last``), a resume is checked against the cells
@@ -74,7 +82,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
     Raises:
         ValueError: a replaced setting, an output folder that holds another run's checkpoints, a resume that
-            does not fit this run, a training set smaller than one batch, or no training step ran.
+            does not fit this run, features asked for with a trained backbone or augmentation, a damaged or
+            stale feature cache, a training set smaller than one batch, or no training step ran.
     """
     from geoloc.training import guards
     from geoloc.training.callbacks import RunConfigWriter, SkipRecorder
@@ -86,11 +95,23 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
     cells = instantiate(cfg.geocells)
     net = instantiate(cfg.model.net, num_cells=len(cells))
+    on_features = guards.use_features(cfg.features.enabled, net.image_encoder, augment=bool(cfg.augment),
+                                      trainable_blocks=OmegaConf.select(cfg, "backbone.trainable_blocks"))
     module = instantiate(cfg.model.module, model=net, cells=cells)
     start = guards.check_resume(resume, module, cells, output_dir) if resume else None
+    if on_features and start is not None:
+        guards.check_resume_backbone(start, net.image_encoder, resume)
 
     datamodule = instantiate(cfg.data.datamodule, cells=cells)
-    datamodule.set_data_config(net.image_encoder.data_config)
+    if on_features:
+        from geoloc.training.datamodule import FeatureDataModule
+
+        datamodule = FeatureDataModule.from_datamodule(datamodule, net.image_encoder, instantiate(cfg.features.store))
+        for cache in (datamodule.train_source, datamodule.val_source):
+            print(f"features: {cache.status} {cache.folder} ({len(cache)} photos of {cache.name}, {cache.dim}-d"
+                  + (f"; {len(cache.skipped)} skipped" if cache.skipped else "") + ")")
+    else:
+        datamodule.set_data_config(net.image_encoder.data_config)
     datamodule.set_evidence_heads(list(net.evidence))
 
     skips = SkipRecorder(output_dir)

@@ -6,8 +6,10 @@ overrides of ``conf/STEP.yaml``).
     python -m geoloc shards data=im2gps3k data.root=DIR out=OUT    # webdataset shards of any dataset
     python -m geoloc index ckpt=RUN/checkpoints/best.ckpt data=... # retrieval index of reference photos
     python -m geoloc gallery ckpt=RUN/checkpoints/best.ckpt       # cached GPS-gallery embeddings
+    python -m geoloc features backbone=... data=...               # cached backbone features to train heads on
     python -m geoloc export ckpt=... out=model.pt                  # one TorchScript file
     python -m geoloc tune ckpt=... data=...                        # evidence reranking weights
+    python -m geoloc calibrate ckpt=... data=...                   # the cell temperature (RUN/calibration_v1.json)
     python -m geoloc report OUT1 OUT2 [--out table.md]             # several evaluate.py runs in one table
 
 Geocells are built by their own package (``python -m geocells.build``), which geoloc never imports.
@@ -24,8 +26,11 @@ STEPS = {
     "shards": ("geoloc.prepare.shards", "write a dataset as webdataset shards"),
     "index": ("geoloc.prepare.index", "build the retrieval index of reference photos for a checkpoint"),
     "gallery": ("geoloc.prepare.gallery", "embed the GPS gallery once for a checkpoint"),
+    "features": ("geoloc.prepare.features", "embed a dataset once with a frozen backbone, to train heads on"),
     "export": ("geoloc.prepare.export", "export a checkpoint as one TorchScript file"),
     "tune": ("geoloc.prepare.tune", "choose evidence reranking weights on validation photos"),
+    "calibrate": ("geoloc.prepare.calibrate", "fit the temperature of a checkpoint's cell probabilities on validation "
+                  "photos"),
     "report": ("geoloc.evaluation.report", "put several evaluate.py runs in one table"),
     # maintainers: rebuild the committed evidence data from registry packages
     "country_tables": ("geoloc.prepare.country_tables", "rebuild the committed driving-side and script table"),

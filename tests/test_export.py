@@ -98,26 +98,33 @@ def artifacts(tiny_evidence_run, tmp_path_factory):
     return {"index": str(tmp / "index_v1"), "gallery": str(gallery), "index_obj": index}
 
 
-#: Settings far from the defaults: every weight, temperature and evidence weight shows if the export drops it.
+#: Settings far from the defaults: every weight, temperature (the scorers' and the calibration's) and evidence
+#: weight shows if the export drops it.
 NON_DEFAULT = dict(topk=4, candidates=7, temperature=0.07, gallery_temperature=0.11,
                    weights={"cells": 0.6, "prototypes": 1.7, "gallery": 0.8, "evidence": 1.3},
                    evidence_weights={"land": 2.0, "koppen_group": 0.5, "hemisphere": 1.5, "script": 0.0,
-                                     "driving_side": 0.25})
+                                     "driving_side": 0.25}, calibration=1.7)
 REFINES = ["none", "prototypes", "gallery", "both", "evidence", "prototypes+evidence", "gallery+evidence",
            "both+evidence"]
+#: Each refinement with the argmax answer and with one chosen for a metric (every candidate placed, then decoded).
+DECODES = ["geoscore", "distance", "acc@750"]
+CASES = ([(r, True, "argmax") for r in REFINES] + [("gallery", False, "argmax")]
+         + [(r, True, DECODES[i % 3]) for i, r in enumerate(REFINES)] + [("gallery", False, "geoscore")])
 
 
-@pytest.mark.parametrize("refine,restrict", [(r, True) for r in REFINES] + [("gallery", False)])
+@pytest.mark.parametrize("refine,restrict,decode", CASES)
 def test_the_exported_model_equals_the_predictor_with_non_default_weights(tiny_evidence_run, artifacts, refine,
-                                                                          restrict):
+                                                                          restrict, decode):
     """Same ranked cells, probabilities within 1e-5 and the same answer, for every refinement the export carries
-    (the predictor answering by the export's rule for prototypes: the cluster's representative)."""
+    (the predictor answering by the export's rule for prototypes: the cluster's representative), calibrated,
+    with the argmax answer and with answers chosen for a metric."""
     pred = build_predictor(str(tiny_evidence_run["ckpt"]), refine=refine, index=artifacts["index"],
                            gallery=artifacts["gallery"], gallery_restrict=restrict, prototype_answer="representative",
-                           **NON_DEFAULT)
-    assert pred.refine == refine
+                           decode=decode, **NON_DEFAULT)
+    assert pred.refine == refine and pred.decode == decode and pred.temperature == 1.7
     module, meta = exported_from_predictor(pred)
     assert meta["refine"] == refine and meta["weights"]["cells"] == 0.6
+    assert meta["decode"] == decode and meta["cell_temperature"] == 1.7
     scripted = script(module)
     x = torch.randint(0, 256, (9, 3, 64, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -129,12 +136,37 @@ def test_the_exported_model_equals_the_predictor_with_non_default_weights(tiny_e
     assert np.array_equal(ref.topk_cells, ts["topk_cells"].numpy())
     assert np.abs(ref.topk_prob - ts["topk_prob"].numpy()).max() < 1e-5
     assert np.abs(ref.latlng - ts["latlng"].numpy()).max() < 1e-4
+    assert np.abs(ref.cell_prob - ts["cell_prob"].numpy()).max() < 1e-5
+    assert np.allclose(ts["cell_prob"], (ts["cell_logits"] / 1.7).softmax(-1), atol=1e-6)  # calibrated
     if refine not in ("none", "evidence"):  # answers placed inside the cell, not its centroid
         assert np.abs(ref.latlng - pred.centroids[ref.topk_cells[:, 0]]).max() > 1e-3
     if refine != "none":  # the reranking did something here: the weights count
         plain = build_predictor(str(tiny_evidence_run["ckpt"]), topk=4, candidates=7).refine_batch(
             pred.forward_batch(module.preprocess(x)))
         assert np.abs(plain.topk_prob - ref.topk_prob).max() > 1e-3
+
+
+@pytest.mark.parametrize("refine,decode", [("none", "geoscore"), ("prototypes", "distance"), ("gallery", "acc@2500")])
+def test_the_exported_decode_answers_away_from_the_argmax_as_the_predictor_does(tiny_evidence_run, artifacts, refine,
+                                                                                decode):
+    """A flat distribution (a high temperature, the scorers placing but not reranking): the decoded answers leave
+    the top cell for many photos, and the exported model picks the same placed candidate points."""
+    pred = build_predictor(str(tiny_evidence_run["ckpt"]), refine=refine, index=artifacts["index"],
+                           gallery=artifacts["gallery"], prototype_answer="representative", candidates=8, topk=8,
+                           calibration=20.0, decode=decode, weights={"prototypes": 0.0, "gallery": 0.0})
+    module, _ = exported_from_predictor(pred)
+    scripted = script(module)
+    x = torch.randint(0, 256, (12, 3, 64, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ts = scripted(x)
+    out = pred.forward_batch(module.preprocess(x))
+    ref, argmax = pred.refine_batch(out), pred.with_decode("argmax").refine_batch(out)
+    assert np.abs(ref.latlng - ts["latlng"].numpy()).max() < 1e-4
+    moved = np.abs(argmax.latlng - ref.latlng).max(axis=1) > 1e-3
+    assert moved.sum() >= 3
+    if refine != "none":  # the answers are placed candidate points (a representative, a gallery point), not centroids
+        cands = pred.centroids[ref.topk_cells]  # (B, K, 2)
+        assert np.abs(ref.latlng[:, None] - cands).sum(-1).min(axis=1).max() > 1e-3
 
 
 def test_the_exported_weights_are_the_predictors(tiny_evidence_run, artifacts):

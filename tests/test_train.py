@@ -40,7 +40,8 @@ def compose_train(*overrides):
         return compose(config_name="train", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("backbone", ["vit_tiny_cpu", "test_vit", "vit_small", "vit_large_clip"])
+@pytest.mark.parametrize("backbone", ["vit_tiny_cpu", "test_vit", "vit_small", "vit_large_clip",
+                                      "efficientnet_lite2", "efficientnet_lite0", "clip_vit_l14"])
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu"])
 @pytest.mark.parametrize("logger", ["csv", "wandb", "none"])
 def test_configs_compose(backbone, trainer, logger):

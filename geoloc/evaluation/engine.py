@@ -6,8 +6,9 @@ Outputs in ``output_dir``:
   ``top{k}_lng``, ``top{k}_prob`` when the predictor ranks alternatives, + ``true_cell``, ``cell_top1``,
   ``cell_top1_prob`` (the classifier's own top cell and probability, before any refinement),
   ``true_cell_rank``, ``area_to_cover_km2`` when it gives a probability to every geocell:
-  see :func:`geoloc.evaluation.metrics.cell_ranking`), appended and fsynced batch by batch, so a killed run
-  resumes where it stopped;
+  see :func:`geoloc.evaluation.metrics.cell_ranking`; + ``cell_top1_prob_uncalibrated`` when those
+  probabilities are calibrated, :mod:`geoloc.inference.calibration`), appended and fsynced batch by batch,
+  so a killed run resumes where it stopped;
 * ``skipped.csv``: ``IMG_ID,reason,detail`` for each photo that could not be used;
 * ``explanations.jsonl`` (predictors with ``explain`` on): one reasoning chain per photo,
   ``{"IMG_ID", "stages", "claims", "checks", "text"}`` (:mod:`geoloc.evidence.verbalize`), appended
@@ -15,8 +16,10 @@ Outputs in ``output_dir``:
   a resumed run may repeat a chain (the last line of an ``IMG_ID`` wins);
 * ``metrics.json``: ``n``, ``n_skipped``, ``acc_{1,25,200,750,2500}km`` (percent), ``median_km``,
   ``mean_km``, ``geoscore``, ``acc_country``/``n_country``, ``acc_admin1``/``n_admin1`` and, for
-  predictors that rank geocells, ``acc_cell_top1``, ``ece_top1`` (+ ``calibration_bins``),
-  ``recall_area_auc``, ``median_area_to_cover_km2``, ``recall_at_area``, and what was run on what;
+  predictors that rank geocells, ``acc_cell_top1``, ``ece_top1`` (+ ``calibration_bins``; of the
+  calibrated probabilities for a calibrated predictor, which also gets ``ece_top1_uncalibrated`` and
+  ``calibration_bins_uncalibrated``), ``recall_area_auc``, ``median_area_to_cover_km2``,
+  ``recall_at_area``, and what was run on what;
 * ``results.md``: the standard table and the extra figures;
 * ``error_cdf.png``, ``error_map.png`` and, for cell-ranking predictors, ``reliability.png`` and
   ``recall_area.png`` (:mod:`geoloc.evaluation.plots`).
@@ -59,6 +62,8 @@ from geoloc.inference.base import Prediction, Predictor
 BASE_COLUMNS = ["IMG_ID", "true_lat", "true_lng", "pred_lat", "pred_lng", "distance_km"]
 SKIP_COLUMNS = ["IMG_ID", "reason", "detail"]
 CELL_COLUMNS = ["true_cell", "cell_top1", "cell_top1_prob", "true_cell_rank", "area_to_cover_km2"]
+#: The classifier's top-cell probability before calibration (predictors with a calibration temperature).
+UNCALIBRATED_COLUMN = "cell_top1_prob_uncalibrated"
 #: Areas at which ``recall_at_area`` is reported (km²): a city, a region, a large country, a continent.
 RECALL_AREAS_KM2 = (1e3, 1e4, 1e5, 1e6, 1e7)
 
@@ -101,6 +106,8 @@ def _rows(batch: list[Item], pred: Prediction, cells=None) -> list[list]:
         true_cell = cells.assign(true)
         r = cell_ranking(pred.cell_prob, true_cell, cells.areas_km2)
         cell_cols = [true_cell, r["top1_cell"], r["top1_prob"], r["true_rank"], r["area_to_cover_km2"]]
+        if pred.cell_prob_uncalibrated is not None:  # the same top cell, its probability before the temperature
+            cell_cols.append(np.asarray(pred.cell_prob_uncalibrated, np.float64).max(axis=1))
         block = np.empty((len(batch), len(cell_cols)), dtype=object)  # ids and ranks stay integers in the CSV
         for j, c in enumerate(cell_cols):
             block[:, j] = c.tolist()
@@ -113,7 +120,19 @@ def _select(pred: Prediction, keep: np.ndarray) -> Prediction:
     pick = (lambda a: None if a is None else np.asarray(a)[keep])  # noqa: E731
     chains = None if pred.explanations is None else [c for c, k in zip(pred.explanations, keep) if k]
     return Prediction(pick(pred.latlng), pick(pred.topk_latlng), pick(pred.topk_prob), pick(pred.topk_cells),
-                      pick(pred.cell_prob), chains)
+                      pick(pred.cell_prob), chains, pick(pred.cell_prob_uncalibrated))
+
+
+def _differences(before: dict, now: dict) -> str:
+    """`` (differing: decode argmax -> geoscore, ...)``: the predictor settings that tell two runs apart."""
+    a, b = before.get("predictor") or {}, now.get("predictor") or {}
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return ""
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    if not keys:
+        return ""
+    shown = ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:5])
+    return f" (differing: {shown}{', ...' if len(keys) > 5 else ''})"
 
 
 def _topk_columns(k: int) -> list[str]:
@@ -151,10 +170,12 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
             before = json.loads(run_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{run_path}: not JSON ({e}); use another output_dir or resume=false") from e
-        if before != json.loads(json.dumps(info)):
+        now = json.loads(json.dumps(info))
+        if before != now:
             raise ValueError(
                 f"{out}: holds a run of {before.get('predictor')} on {before.get('dataset')}, not "
-                f"{info.get('predictor')} on {info.get('dataset')}; use another output_dir or resume=false"
+                f"{info.get('predictor')} on {info.get('dataset')}{_differences(before, now)}; use another "
+                "output_dir or resume=false"
             )
     if not resume:
         for p in (pred_path, skip_path, chain_path):
@@ -193,8 +214,9 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
                     continue
             rows = _rows(batch, pred, cells)
             k = 0 if pred.topk_latlng is None else pred.topk_latlng.shape[1]
-            header = BASE_COLUMNS + _topk_columns(k) + (CELL_COLUMNS if cells is not None and
-                                                        pred.cell_prob is not None else [])
+            ranked = cells is not None and pred.cell_prob is not None
+            header = BASE_COLUMNS + _topk_columns(k) + (CELL_COLUMNS if ranked else []) + (
+                [UNCALIBRATED_COLUMN] if ranked and pred.cell_prob_uncalibrated is not None else [])
             if not header_written:
                 pw.writerow(header)
                 header_written = True
@@ -257,6 +279,9 @@ def score(output_dir: str | Path, *, country_of: Callable[[np.ndarray], np.ndarr
         area = df["area_to_cover_km2"].to_numpy(np.float64)
         cal = expected_calibration_error(df["cell_top1_prob"].to_numpy(np.float64), correct)
         _, at = recall_vs_area(area, RECALL_AREAS_KM2)
+        if UNCALIBRATED_COLUMN in df.columns:
+            raw = expected_calibration_error(df[UNCALIBRATED_COLUMN].to_numpy(np.float64), correct)
+            metrics.update(ece_top1_uncalibrated=raw["ece"], calibration_bins_uncalibrated=raw["bins"])
         metrics.update({
             "acc_cell_top1": float(100.0 * correct.mean()),
             "ece_top1": cal["ece"], "calibration_bins": cal["bins"],
@@ -295,6 +320,11 @@ def results_markdown(metrics: dict) -> str:
     if metrics.get("n_unanswered"):
         lines.append(f"{metrics['n_unanswered']} photo(s) had no answer from the predictor and are scored as failures "
                      f"(error {UNANSWERED_KM:,.0f} km, half the Earth's circumference).\n")
+    decode = metrics["predictor"].get("decode")
+    if decode and decode != "argmax":
+        lines.append(f"Answers chosen for the metric: decode={decode}, the candidate point with the best expected "
+                     f"score under the predicted distribution over the top {metrics['predictor'].get('candidates')} "
+                     "cells (not the most probable cell's).\n")
     if metrics["predictor"].get("random_clip"):
         lines.append("\n> **RANDOM CLIP WEIGHTS.** This GeoCLIP model ran with randomly initialised CLIP weights to "
                      "test the code path: its numbers are not GeoCLIP's and say nothing about accuracy.\n\n")
@@ -305,10 +335,13 @@ def results_markdown(metrics: dict) -> str:
         lines.append(f"Admin-1 (region) accuracy: {metrics['acc_admin1']:.1f}% over the {metrics['n_admin1']} "
                      "photos whose true and predicted regions are both known.\n")
     if "acc_cell_top1" in metrics:
+        temperature = metrics["predictor"].get("cell_temperature")
+        before = (f", {metrics['ece_top1_uncalibrated']:.3f} before the calibration temperature {temperature:.3g}"
+                  if "ece_top1_uncalibrated" in metrics and temperature is not None else "")
         lines.append(
             f"\nGeocells: top-1 cell accuracy {metrics['acc_cell_top1']:.1f}%, median rank of the true cell "
             f"{metrics['median_true_cell_rank']:.0f}; calibration of the top-1 cell probability: ECE "
-            f"{metrics['ece_top1']:.3f} (15 equal-width bins); Recall-vs-Area: area under the curve "
+            f"{metrics['ece_top1']:.3f}{before} (15 equal-width bins); Recall-vs-Area: area under the curve "
             f"{metrics['recall_area_auc']:.3f} (log area from 1 km² to the whole Earth), median area to "
             f"search before the truth is covered {metrics['median_area_to_cover_km2']:,.0f} km².\n")
     for fig in metrics.get("figures", []):

@@ -16,6 +16,20 @@ from geoloc.cli import user_errors
 from geoloc.evaluation.engine import TABLE_HEADER, table_row
 
 
+def _answer_note(run: dict) -> str:
+    """How a run chose its answers and scaled its cell probabilities, when not the defaults ("" otherwise)."""
+    p = run.get("predictor") or {}
+    notes = []
+    if p.get("decode") not in (None, "argmax"):
+        notes.append(f"decode={p['decode']} over {p.get('candidates')} candidate cells")
+    t = p.get("cell_temperature")
+    if t not in (None, 1.0):
+        ece = (f" (top-1 ECE {run['ece_top1_uncalibrated']:.3f} -> {run['ece_top1']:.3f})"
+               if run.get("ece_top1_uncalibrated") is not None and run.get("ece_top1") is not None else "")
+        notes.append(f"cell temperature {t:.3g}{ece}")
+    return f"{p.get('name')}: {', '.join(notes)}" if notes else ""
+
+
 def combined_table(run_dirs: list[str | Path]) -> str:
     """Markdown: one row per run, grouped by dataset, with a synthetic-data banner where it applies."""
     runs = []
@@ -35,6 +49,9 @@ def combined_table(run_dirs: list[str | Path]) -> str:
         for r in group:
             parts.append(table_row(r["predictor"]["name"], {k: (float("nan") if v is None else v)
                                                             for k, v in r.items()}))
+        answers = [_answer_note(r) for r in group]
+        if any(answers):
+            parts.append("\nAnswers and calibration: " + "; ".join(a for a in answers if a) + ".\n")
         skipped = {r["predictor"]["name"]: r["n_skipped"] for r in group if r["n_skipped"]}
         if skipped:
             parts.append(f"\nSkipped photos: {skipped}.\n")

@@ -21,6 +21,9 @@ class Prediction:
         cell_prob: optional ``(B, C)`` float32 probability of every geocell (the classifier's softmax), for
             the cell-level metrics (Recall-vs-Area, calibration); the predictor's ``cells`` says which cells.
         explanations: optional, one reasoning chain per photo (:func:`geoloc.evidence.verbalize.explain`).
+        cell_prob_uncalibrated: optional ``(B, C)`` float32 the classifier's probabilities before its
+            calibration temperature (:mod:`geoloc.inference.calibration`), so that reports can show the
+            calibration's effect; None when the predictor is not calibrated (``cell_prob`` is both then).
     """
 
     latlng: np.ndarray
@@ -29,6 +32,7 @@ class Prediction:
     topk_cells: np.ndarray | None = None
     cell_prob: np.ndarray | None = None
     explanations: list[dict] | None = None
+    cell_prob_uncalibrated: np.ndarray | None = None
 
 
 class Predictor(Protocol):

@@ -4,10 +4,14 @@
     geoloc-predict photos/*.jpg --model ... --json                      # one JSON object per photo
     geoloc-predict photo.jpg --model ... --refine prototypes --topk 3    # also gallery, both, evidence, ...
     geoloc-predict photo.jpg --model ... --explain [--ocr]               # the reasoning chain too
+    geoloc-predict photo.jpg --model ... --decode geoscore               # the answer with the best expected score
     geoloc-predict photo.jpg --model model.pt [--explain]               # an exported model (geoloc.inference.export)
 
 Prints the predicted location, the top geocells with their country, region and probability, and the
-GPS position in the photo's EXIF when there is one, with its distance from the prediction. The EXIF
+GPS position in the photo's EXIF when there is one, with its distance from the prediction. A checkpoint's
+cell probabilities are calibrated when its run has ``RUN/calibration_v1.json`` (``python -m geoloc
+calibrate``; ``--calibration none`` turns it off); ``--decode`` chooses the answer for a metric
+(:mod:`geoloc.retrieval.decode`). The EXIF
 position is only reported, never used to predict. Photos that cannot be read are reported with the
 reason and the others still run; the exit status is 1 when any photo failed.
 
@@ -87,9 +91,14 @@ def predict_files(paths: list[str], predictor, *, batch_size: int = 32) -> list[
 
 def load_predictor(model: str, *, cells: str | None = None, refine: str = "none", index: str | None = None,
                    clip_weights: str | None = None, gallery: str | None = None, topk: int | None = None,
-                   device: str = "cpu", explain: bool = False, ocr: bool = False):
+                   device: str = "cpu", explain: bool = False, ocr: bool = False, decode: str | None = None,
+                   calibration: str | None = None):
     """A predictor for ``--model``: ``geoclip`` (GeoCLIP's released model), an exported TorchScript file or a
-    ``train.py`` checkpoint (the last two told apart by content, not by name)."""
+    ``train.py`` checkpoint (the last two told apart by content, not by name).
+
+    ``decode`` (None: ``argmax``) and ``calibration`` (None: ``auto`` for a checkpoint, none for GeoCLIP; a
+    path; ``none``) apply to checkpoints and GeoCLIP; an exported model answers as it was exported.
+    """
     if model == "geoclip":
         if refine != "none":
             raise ValueError("--model geoclip answers GeoCLIP's way (the best gallery point); --refine applies to "
@@ -97,20 +106,23 @@ def load_predictor(model: str, *, cells: str | None = None, refine: str = "none"
         from geoloc.inference.geoclip import build_geoclip_predictor
 
         return build_geoclip_predictor(clip_weights, cells=cells, index=index, topk=topk or 5, device=device,
-                                       explain=explain, ocr=ocr)
+                                       explain=explain, ocr=ocr, decode=decode or "argmax",
+                                       calibration=None if calibration in (None, "auto") else calibration)
     from geoloc.models.loading import is_torchscript
 
     if Path(model).is_file() and is_torchscript(model):
-        if refine != "none" or index is not None or gallery is not None:
-            raise ValueError(f"{model}: an exported model refines as it was exported (python -m geoloc export "
-                             "refine=...); --refine, --index and --gallery apply to train.py checkpoints")
+        if refine != "none" or index is not None or gallery is not None or decode is not None or calibration:
+            raise ValueError(f"{model}: an exported model refines, calibrates and decodes as it was exported (python "
+                             "-m geoloc export refine=... predictor.decode=...); --refine, --index, --gallery, "
+                             "--decode and --calibration apply to train.py checkpoints")
         from geoloc.inference.exported import ExportedPredictor
 
         return ExportedPredictor(model, cells=cells, topk=topk, device=device, explain=explain, ocr=ocr)
     from geoloc.inference.predictor import build_predictor
 
     return build_predictor(model, cells=cells, refine=refine, index=index, gallery=gallery, topk=topk or 5,
-                           device=device, explain=explain, ocr=ocr and explain)
+                           device=device, explain=explain, ocr=ocr and explain, decode=decode or "argmax",
+                           calibration="auto" if calibration is None else calibration)
 
 
 def format_text(r: dict) -> str:
@@ -161,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", default=None, help="retrieval index folder (default RUN/index_v1)")
     parser.add_argument("--gallery", default=None, help="GPS-gallery cache (default RUN/gallery_v1.npz, built by "
                         "python -m geoloc gallery)")
+    parser.add_argument("--decode", default=None, help="the answer: argmax (default: the most probable cell), "
+                        "geoscore, distance or acc@KM (the candidate with the best expected score, distance or "
+                        "accuracy)")
+    parser.add_argument("--calibration", default=None, help="the cell temperature: a calibration file, or none "
+                        "(default: RUN/calibration_v1.json when python -m geoloc calibrate wrote one)")
     parser.add_argument("--cells", default=None, help="geocells file (default: the run's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="photos decoded and predicted at a time")
@@ -173,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = load_predictor(args.model, cells=args.cells, refine=args.refine, index=args.index,
                                    clip_weights=args.clip_weights, gallery=args.gallery, topk=args.topk,
-                                   device=args.device, explain=args.explain, ocr=args.ocr)
+                                   device=args.device, explain=args.explain, ocr=args.ocr, decode=args.decode,
+                                   calibration=args.calibration)
     except (ImportError, *USER_ERRORS) as e:
         message = user_message(e) or str(e)
         if os.environ.get("GEOLOC_DEBUG"):

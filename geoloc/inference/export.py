@@ -10,9 +10,11 @@ Using it needs only torch::
     out = model(images)   # images: uint8 (B, 3, H, W), RGB, any H and W
 
 ``out`` is a dict of tensors: ``latlng`` (B, 2) float32 degrees ``[lat, lng]``, ``topk_cells`` (B, k) int64
-geocell ids, ``topk_prob`` (B, k) their probabilities, ``cell_prob`` (B, C) every cell's probability,
-``embedding`` (B, D) the L2-normalized image embedding (for your own retrieval) and, for a model trained
-with evidence heads, ``evidence/<head>`` (B, K) their class probabilities (classes in ``geoloc.json``).
+geocell ids, ``topk_prob`` (B, k) their probabilities, ``cell_prob`` (B, C) every cell's probability
+(calibrated: ``softmax(cell_logits / T)``), ``cell_logits`` (B, C) the cell head's logits before
+calibration, ``embedding`` (B, D) the L2-normalized image embedding (for your own retrieval) and, for a
+model trained with evidence heads, ``evidence/<head>`` (B, K) their class probabilities (classes in
+``geoloc.json``).
 
 The file holds the preprocessing (timm's evaluation transform in tensor ops: resize the short side to
 ``input_size / crop_pct``, centre crop, scale, normalize), the image encoder, the cell head, the cell
@@ -21,12 +23,16 @@ centroids and the exportable part of each scorer of the predictor it is made fro
 index (``prototypes``), the cells' evidence distributions (``evidence``) and the GPS gallery's embeddings
 (``gallery``). The top cells are reranked by the same :func:`geoloc.retrieval.rerank.rerank` as
 :class:`~geoloc.inference.predictor.ModelPredictor`, with the same fusion weights, temperatures and
-evidence weights, so the two agree. With prototypes, the exported answer is the best cluster's
-representative coordinate (the file carries no per-photo references); the predictor gives the same
-answer with ``prototype_answer=representative``.
+evidence weights, so the two agree. It carries the predictor's calibration temperature (the cell
+probabilities of a calibrated run are calibrated here too: :mod:`geoloc.inference.calibration`) and its
+``decode``: with ``geoscore``, ``distance`` or ``acc@<km>`` the answer is chosen among the candidates' points
+by the same :func:`geoloc.retrieval.decode.choose_answer`. With prototypes, the exported answer is the best
+cluster's representative coordinate (the file carries no per-photo references); the predictor gives the
+same answer with ``prototype_answer=representative``.
 
 ``geoloc.json`` inside the file (``torch.jit.load(path, _extra_files={"geoloc.json": ""})``) describes inputs,
-outputs, the refinement (``refine``, ``weights``, ``scorers``) and each cell's country and region names,
+outputs, the refinement (``refine``, ``weights``, ``scorers``), the answer rule (``decode``), the calibration
+(``cell_temperature``, ``calibration``: the file's fit report) and each cell's country and region names,
 the fingerprint of the cells (:meth:`geoloc.geo.cells.Geocells.fingerprint`) and, for a model with evidence
 heads, each cell's evidence counts, so that ``geoloc-predict --model model.pt --explain`` can check the
 reasoning chain without the cells file (:class:`geoloc.inference.exported.ExportedPredictor`).
@@ -44,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geoloc.artifacts import atomic_path
+from geoloc.retrieval.decode import choose_answer, decode_name, parse_decode
 from geoloc.retrieval.rerank import rerank, top_candidates
 
 EXPORT_FORMAT_VERSION = 1
@@ -77,12 +84,19 @@ class ExportedGeolocator(nn.Module):
         scorers: the scorers' exported parts (``scorer.export(num_cells)``), in placing order.
         weights: one fusion weight per scorer.
         cell_weight: the weight of ``log p(cell)``.
+        temperature: the calibration temperature: ``cell_prob = softmax(cell_logits / T)``.
+        decode: ``argmax``, ``geoscore``, ``distance`` or ``acc@<km>`` (:mod:`geoloc.retrieval.decode`).
+        place_in_cell: per scorer, whether its placement lies inside the cell it is given (False: an
+            unrestricted gallery, which places nothing when a non-argmax decode places every candidate);
+            None: all True.
     """
 
     weights: list[float]
+    place_in_cell: list[bool]
 
     def __init__(self, net, data_config: dict, centroids, *, topk: int = 5, candidates: int = 10,
-                 scorers: list[nn.Module] | None = None, weights: list[float] | None = None, cell_weight: float = 1.0):
+                 scorers: list[nn.Module] | None = None, weights: list[float] | None = None, cell_weight: float = 1.0,
+                 temperature: float = 1.0, decode: str = "argmax", place_in_cell: list[bool] | None = None):
         super().__init__()
         self.backbone = _Backbone(net)
         self.evidence = net.evidence  # evidence heads: probabilities on the same features
@@ -104,6 +118,14 @@ class ExportedGeolocator(nn.Module):
             raise ValueError(f"need one fusion weight per scorer: {len(self.scorers)} scorers, "
                              f"{len(self.weights)} weights")
         self.cell_weight = float(cell_weight)
+        if not (math.isfinite(float(temperature)) and float(temperature) > 0):
+            raise ValueError(f"temperature must be a positive number, got {temperature}")
+        self.temperature = float(temperature)
+        self.decode_kind, self.decode_radius_km = parse_decode(decode)
+        self.decode = decode_name(self.decode_kind, self.decode_radius_km)
+        self.place_in_cell = [True] * len(self.scorers) if place_in_cell is None else [bool(v) for v in place_in_cell]
+        if len(self.place_in_cell) != len(self.scorers):
+            raise ValueError("need one place_in_cell flag per scorer")
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, 3, H, W)`` -> normalized float ``(B, 3, h, w)`` (timm's eval transform)."""
@@ -124,7 +146,8 @@ class ExportedGeolocator(nn.Module):
     def rank(self, features: torch.Tensor, logits: torch.Tensor, image_emb: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cell ranking, reranking and the answer from the network's outputs (what :meth:`forward` does
         after the backbone)."""
-        prob = logits.float().softmax(-1)
+        logits = logits.float()
+        prob = (logits / self.temperature).softmax(-1)
         emb = F.normalize(features.float(), dim=-1)
         outputs = {"features": emb, "image_emb": F.normalize(image_emb.float(), dim=-1), "cell_prob": prob}
         for head, layer in self.evidence.items():
@@ -135,20 +158,36 @@ class ExportedGeolocator(nn.Module):
             terms.append(s(outputs, cand))
         post, order = rerank(p_cand, terms, self.weights, self.cell_weight)
         cand = cand.gather(1, order)
-        chosen = cand[:, 0]
-        latlng = self.centroids[chosen]
-        placed = torch.zeros(chosen.shape, dtype=torch.bool, device=chosen.device)
-        for s in self.scorers:
-            where, ok = s.place(outputs, chosen)
-            take = ok & ~placed
-            latlng = torch.where(take.unsqueeze(1), where, latlng)
-            placed = placed | ok
+        if self.decode_kind == "argmax":
+            latlng = self.place(outputs, cand[:, 0], False)
+        else:
+            b, k = cand.shape[0], cand.shape[1]
+            repeated: dict[str, torch.Tensor] = {}  # row i * k + j: photo i, for its candidate j
+            for key, value in outputs.items():
+                if key != "cell_prob":  # (no scorer places by it, and it is the largest)
+                    repeated[key] = value.repeat_interleave(k, dim=0)
+            points = self.place(repeated, cand.reshape(-1), True).reshape(b, k, 2)
+            pick = choose_answer(points, post, self.decode_kind, self.decode_radius_km)
+            latlng = points[torch.arange(b, device=points.device), pick]
         out = {"latlng": latlng, "topk_cells": cand[:, :self.topk], "topk_prob": post[:, :self.topk],
-               "cell_prob": prob, "embedding": emb}
+               "cell_prob": prob, "cell_logits": logits, "embedding": emb}
         for key, value in outputs.items():
             if key.startswith("evidence/"):
                 out[key] = value
         return out
+
+    def place(self, outputs: dict[str, torch.Tensor], cells: torch.Tensor, in_cell_only: bool) -> torch.Tensor:
+        """``(N, 2)`` the answer point inside each of ``cells (N,)`` (``outputs`` with one row per cell): the
+        first placing scorer's, else the centroid; ``in_cell_only`` leaves out scorers that place anywhere."""
+        latlng = self.centroids[cells]
+        placed = torch.zeros(cells.shape, dtype=torch.bool, device=cells.device)
+        for i, s in enumerate(self.scorers):  # (unrolled by TorchScript: no continue)
+            if not in_cell_only or self.place_in_cell[i]:
+                where, ok = s.place(outputs, cells)
+                take = ok & ~placed
+                latlng = torch.where(take.unsqueeze(1), where, latlng)
+                placed = placed | ok
+        return latlng
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         features, logits, image_emb = self.backbone(self.preprocess(images))
@@ -180,7 +219,9 @@ def exported_from_predictor(predictor) -> "tuple[ExportedGeolocator, dict]":
     module = ExportedGeolocator(model.net, model.data_config, model.cells.centroids, topk=predictor.topk,
                                 candidates=predictor.candidates, scorers=parts,
                                 weights=[predictor.weights[s.name] for s in predictor.scorers],
-                                cell_weight=predictor.weights["cells"]).eval()
+                                cell_weight=predictor.weights["cells"], temperature=predictor.temperature,
+                                decode=predictor.decode,
+                                place_in_cell=[bool(getattr(s, "restrict", True)) for s in predictor.scorers]).eval()
     t = model.cells.table
     names = {c: t[c].fillna("").astype(str).tolist() for c in CELL_NAME_COLUMNS if c in t.columns}
     cell_evidence = {h: [[int(v) for v in row] for row in t[f"evidence_{h}"]]
@@ -193,7 +234,8 @@ def exported_from_predictor(predictor) -> "tuple[ExportedGeolocator, dict]":
         "cells_fingerprint": model.cells.fingerprint(),
         "input": "uint8 tensor (B, 3, H, W), RGB, any H and W",
         "outputs": {"latlng": "(B, 2) float32 [lat, lng] degrees", "topk_cells": "(B, k) int64 geocell ids",
-                    "topk_prob": "(B, k) float32", "cell_prob": "(B, C) float32",
+                    "topk_prob": "(B, k) float32", "cell_prob": "(B, C) float32, calibrated",
+                    "cell_logits": "(B, C) float32, the cell head's logits before calibration",
                     "embedding": "(B, D) float32, L2-normalized"},
         "preprocess": {"input_size": list(model.data_config["input_size"]), "resize_short_side": module.scale_size,
                        "interpolation": module.mode, "mean": list(model.data_config["mean"]),
@@ -201,7 +243,10 @@ def exported_from_predictor(predictor) -> "tuple[ExportedGeolocator, dict]":
         "prototypes": predictor.scorer("prototypes") is not None, "cells": names,
         "refine": predictor.refine, "candidates": module.candidates,
         "weights": {"cells": module.cell_weight, **{s.name: predictor.weights[s.name] for s in predictor.scorers}},
-        "scorers": scorers,
+        "scorers": scorers, "decode": module.decode, "cell_temperature": module.temperature,
+        "calibration": None if predictor.calibration is None else {
+            "file": predictor.calibration.source, "fingerprint": predictor.calibration.fingerprint,
+            **predictor.calibration.report},
         "evidence": {h: list(HEADS[h]) for h in model.net.evidence},
         "cell_evidence": cell_evidence,  # per head, each cell's training photos over its classes (the checks)
     }
@@ -222,7 +267,8 @@ def build_exported(ckpt: str | Path, *, topk: int = 5, prototypes: bool = False,
         index: the index folder; None: ``RUN/index_v1``.
         candidates, temperature, **settings: the other settings of
             :func:`~geoloc.inference.predictor.build_predictor` (``weights``, ``evidence_weights``,
-            ``gallery``, ``gallery_temperature``, ...); ``prototype_answer`` is ``representative``.
+            ``gallery``, ``gallery_temperature``, ``decode``, ``calibration``, ...); ``prototype_answer`` is
+            ``representative``.
     """
     from geoloc.inference.predictor import build_predictor, refine_name, refine_scorers
     from geoloc.retrieval.index import default_index_dir

@@ -3,7 +3,9 @@
 The exported file carries everything an answer needs: preprocessing, network, cell centroids and, in
 ``geoloc.json``, the cells' names, their fingerprint and (for models with evidence heads) each cell's
 evidence counts. :class:`ExportedPredictor` gives it the :class:`~geoloc.inference.base.Predictor` interface,
-so ``geoloc-predict --model model.pt`` (with ``--explain``) works on it as on a ``train.py`` checkpoint.
+so ``geoloc-predict --model model.pt`` (with ``--explain``) works on it as on a ``train.py`` checkpoint. It
+answers, calibrates and decodes as it was exported (``describe()`` says ``decode`` and ``cell_temperature``);
+for a calibrated file, the uncalibrated probabilities come from its ``cell_logits`` output.
 
 An exported file is TorchScript, which is code: load only files you trust (the README's "Trust and
 safety"). A checkpoint, by contrast, is read as data.
@@ -169,8 +171,11 @@ class ExportedPredictor:
         out = self.forward(images)
         cells = out["topk_cells"][:, :self.topk].astype(np.int64)
         prob = out["topk_prob"][:, :self.topk].astype(np.float64)
+        raw = None
+        if self.temperature != 1.0 and "cell_logits" in out:
+            raw = torch.from_numpy(out["cell_logits"].astype(np.float32)).softmax(-1).numpy()
         pred = Prediction(out["latlng"].astype(np.float64), self.cells.centroids[cells], prob, cells,
-                          out["cell_prob"].astype(np.float32))
+                          out["cell_prob"].astype(np.float32), cell_prob_uncalibrated=raw)
         if self.explain:
             from geoloc.evidence.verbalize import explain
 
@@ -185,11 +190,24 @@ class ExportedPredictor:
 
     @property
     def refine_label(self) -> str:
-        return "none" if self.refine == "none" else f"{self.refine} (exported)"
+        how = "none" if self.refine == "none" else f"{self.refine} (exported)"
+        return how if self.decode == "argmax" else f"{how}, decode={self.decode}"
+
+    @property
+    def decode(self) -> str:
+        """How the file chooses its answer among the candidates (``argmax`` for files exported before decodes)."""
+        return str(self.meta.get("decode") or "argmax")
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature of the file's cell probabilities (1: uncalibrated)."""
+        return float(self.meta.get("cell_temperature") or 1.0)
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": "exported", "model": str(self.path), "n_cells": len(self.cells),
                 "backbone": self.meta.get("backbone"), "topk": self.topk,
                 "prototypes": bool(self.meta.get("prototypes")), "refine": self.refine,
                 "evidence_heads": self.evidence_heads,
-                "explain": self.explain, "ocr": self.ocr is not None}
+                "explain": self.explain, "ocr": self.ocr is not None, "decode": self.decode,
+                "cell_temperature": self.temperature,
+                "calibration": (self.meta.get("calibration") or {}).get("file")}

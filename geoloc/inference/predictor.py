@@ -19,12 +19,19 @@ The scorers are a list; the names ``refine`` accepts are shorthands for the usua
 ``gallery+evidence``          gallery, evidence
 ``both+evidence``             prototypes, gallery, evidence
 ============================  ==========================================
+
+Two more settings shape the answer. ``calibration`` divides the classifier's log-probabilities by a
+temperature fitted on validation photos (:mod:`geoloc.inference.calibration`; ``"auto"``:
+``RUN/calibration_v1.json`` when ``python -m geoloc calibrate`` wrote one), so that every probability the
+predictor reports and every decision that weighs them starts from calibrated cells. ``decode`` says which
+candidate to answer (:mod:`geoloc.retrieval.decode`): the most probable (``argmax``), or the one with the
+best expected score under the reranked distribution (``geoscore``, ``distance``, ``acc@<km>``).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +67,15 @@ def refine_name(names: Sequence[str]) -> str:
 class ModelPredictor:
     """A trained geolocator whose top cells are reranked by scorers.
 
-    The classifier gives a probability for every geocell; its ``candidates`` most probable cells are
-    reranked by :func:`geoloc.retrieval.rerank.rerank`: ``weights["cells"] * log p(cell) + sum over scorers of
-    weights[scorer.name] * scorer.log_term(...)``. The answer is the first placing scorer's coordinate
-    inside the winning cell (prototypes: the nearest reference photo; gallery: the best gallery point),
-    else the cell's centroid.
+    The classifier gives a probability for every geocell (``softmax(logits / T)``, ``T`` the calibration's
+    temperature, 1 without one); its ``candidates`` most probable cells are reranked by
+    :func:`geoloc.retrieval.rerank.rerank`: ``weights["cells"] * log p(cell) + sum over scorers of
+    weights[scorer.name] * scorer.log_term(...)``. Each candidate's point is the first placing scorer's
+    coordinate inside it (prototypes: the nearest reference photo; gallery: the best gallery point), else its
+    centroid. With ``decode="argmax"`` the answer is the winning cell's point; otherwise it is the
+    candidate point with the best expected score under the reranked distribution
+    (:func:`geoloc.retrieval.decode.choose_answer`; a scorer that places anywhere, not inside the cell, such
+    as an unrestricted gallery, then places nothing). The ranked cells are the same either way.
 
     Args:
         model: a :class:`~geoloc.models.loading.LoadedModel` (:func:`~geoloc.models.loading.load_checkpoint`).
@@ -81,13 +92,20 @@ class ModelPredictor:
             made on first use) or a :class:`~geoloc.evidence.ocr.TextReader`.
         name: report name.
         refine_requested: the ``refine`` asked for, when a scorer could not be made (reports say so).
+        decode: ``argmax``, ``geoscore``, ``distance`` or ``acc@<km>`` (:mod:`geoloc.retrieval.decode`).
+        calibration: a :class:`~geoloc.inference.calibration.Calibration` (its temperature divides the cell
+            logits), or None.
     """
 
     needs_images = True
 
     def __init__(self, model, scorers: Sequence = (), *, topk: int = 5, candidates: int = 10,
                  weights: dict | None = None, batch_size: int = 64, device: str | None = None, compile: bool = False,
-                 explain: bool = False, ocr=False, name: str = "model", refine_requested: str | None = None):
+                 explain: bool = False, ocr=False, name: str = "model", refine_requested: str | None = None,
+                 decode: str = "argmax", calibration=None):
+        from geoloc.inference.calibration import Calibration
+        from geoloc.retrieval.decode import decode_name, parse_decode
+
         if isinstance(model, str | Path) or model is None:
             raise TypeError(f"ModelPredictor takes a loaded model; for a checkpoint path ({model!r}) use "
                             "geoloc.inference.predictor.build_predictor(ckpt, ...)")
@@ -115,6 +133,12 @@ class ModelPredictor:
         self._ocr = ocr if ocr not in (None, False) else None
         self.refine = refine_name(names)
         self.refine_requested = refine_requested or self.refine
+        self.decode_kind, self.decode_radius_km = parse_decode(decode)
+        self.decode = decode_name(self.decode_kind, self.decode_radius_km)
+        if calibration is not None and not isinstance(calibration, Calibration):
+            raise TypeError(f"calibration must be a geoloc.inference.calibration.Calibration or None, got "
+                            f"{type(calibration).__name__} (build_predictor(ckpt, calibration=PATH) reads a file)")
+        self.calibration = calibration
         self._transform = None
 
     # -- what came with the model ----------------------------------------------------------------------
@@ -137,6 +161,11 @@ class ModelPredictor:
     @property
     def centroids(self) -> np.ndarray:
         return self.model.cells.centroids
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature of the cell probabilities (1: uncalibrated)."""
+        return 1.0 if self.calibration is None else self.calibration.temperature
 
     @property
     def transform(self):
@@ -183,23 +212,50 @@ class ModelPredictor:
             new.scorers = [s.with_weights(evidence) if x is s else x for x in self.scorers]
         return new
 
+    def with_decode(self, decode: str) -> ModelPredictor:
+        """A new predictor that answers by another ``decode`` (the model and scorers shared; this one unchanged).
+
+        The network's outputs do not depend on it, so one :meth:`forward` serves every decode.
+        """
+        from geoloc.retrieval.decode import decode_name, parse_decode
+
+        new = copy.copy(self)
+        new.decode_kind, new.decode_radius_km = parse_decode(decode)
+        new.decode = decode_name(new.decode_kind, new.decode_radius_km)
+        return new
+
     # -- prediction ------------------------------------------------------------------------------------
     def forward_batch(self, x) -> dict[str, np.ndarray]:
         """The network on a preprocessed batch ``x [B, 3, H, W]`` (see :meth:`forward` for the outputs)."""
         import torch
 
         with torch.inference_mode():
-            o = self._forward(x.to(self.device))
-            out = {"cell_prob": o["cell_logits"].float().softmax(-1), "features": o["features"].float(),
-                   "image_emb": o["image_emb"].float(),
-                   **{f"evidence/{h}": o[f"evidence/{h}"].float().softmax(-1) for h in self.net.evidence}}
+            return self._outputs(self._forward(x.to(self.device)))
+
+    def forward_features(self, features) -> dict[str, np.ndarray]:
+        """The network after its backbone, on backbone features ``(B, D)`` (a
+        :class:`~geoloc.data.features.FeatureCache`'s rows, made by this network's backbone): the outputs
+        of :meth:`forward`, for studies and tuning that score many settings on photos embedded once."""
+        import torch
+
+        with torch.inference_mode():
+            x = torch.as_tensor(np.asarray(features, np.float32), device=self.device)
+            return self._outputs(self.net.heads(x))
+
+    def _outputs(self, o: dict) -> dict[str, np.ndarray]:
+        """The network's raw outputs as :meth:`forward` returns them (calibrated cells, evidence softmax)."""
+        logits = o["cell_logits"].float()
+        out = {"cell_prob": (logits / self.temperature).softmax(-1), "cell_logits": logits,
+               "features": o["features"].float(), "image_emb": o["image_emb"].float(),
+               **{f"evidence/{h}": o[f"evidence/{h}"].float().softmax(-1) for h in self.net.evidence}}
         return {k: v.cpu().numpy() for k, v in out.items()}
 
     def forward(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
         """The network on a list of photos.
 
         Returns:
-            ``cell_prob (B, C)`` float32, ``features (B, D)``, ``image_emb (B, E)`` (unnormalized) and
+            ``cell_prob (B, C)`` float32 (calibrated: ``softmax(cell_logits / T)``), ``cell_logits (B, C)`` (the
+            cell head's, before calibration), ``features (B, D)``, ``image_emb (B, E)`` (unnormalized) and
             ``evidence/<head> (B, K)`` probabilities of the model's evidence heads.
         """
         import torch
@@ -209,9 +265,12 @@ class ModelPredictor:
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]} if outs else {}
 
     def refine_batch(self, out: dict[str, np.ndarray]) -> Prediction:
-        """Cell ranking, reranking by the scorers and the answer coordinate, from :meth:`forward`'s outputs."""
+        """Cell ranking, reranking by the scorers and the answer coordinate, from :meth:`forward`'s outputs
+        (``cell_prob`` is taken as calibrated already; ``cell_logits``, when there, gives the uncalibrated
+        probabilities of a calibrated predictor)."""
         import torch
 
+        from geoloc.retrieval.decode import choose_answer
         from geoloc.retrieval.rerank import rerank, top_candidates
 
         prob = np.asarray(out["cell_prob"], np.float32)
@@ -219,18 +278,37 @@ class ModelPredictor:
         terms = [s.log_term(out, cand) for s in self.scorers]
         post, order = rerank(p_cand, terms, [self.weights[s.name] for s in self.scorers], self.weights["cells"])
         cand = cand.gather(1, order).numpy()
-        chosen = cand[:, 0]
-        latlng = self.centroids[chosen].copy()
-        placed = np.zeros(len(cand), bool)
+        if self.decode_kind == "argmax":
+            latlng = self._place(out, cand[:, 0], restricted_only=False)
+        else:
+            b, k = cand.shape
+            points = self._place(_RepeatedRows(out, k), cand.reshape(-1), restricted_only=True).reshape(b, k, 2)
+            # chosen on float32 points, as the exported model does, so that the two break near-ties alike
+            pick = choose_answer(torch.from_numpy(points.astype(np.float32)), post, self.decode_kind,
+                                 self.decode_radius_km).numpy()
+            latlng = points[np.arange(b), pick]
+        t = min(self.topk, cand.shape[1])
+        raw = None
+        if self.calibration is not None and "cell_logits" in out:
+            raw = torch.from_numpy(np.asarray(out["cell_logits"], np.float32)).softmax(-1).numpy()
+        return Prediction(latlng, self.centroids[cand[:, :t]], post[:, :t].numpy().astype(np.float64),
+                          cand[:, :t].astype(np.int64), prob, cell_prob_uncalibrated=raw)
+
+    def _place(self, out, cells: np.ndarray, *, restricted_only: bool) -> np.ndarray:
+        """``(N, 2)`` the answer point inside each of ``cells (N,)``: the first placing scorer's, else the centroid.
+
+        ``out`` has one row per cell. ``restricted_only`` leaves out scorers that place anywhere
+        (``restrict=False``): their point is not inside the cell it would stand for.
+        """
+        latlng = self.centroids[cells].copy()
+        placed = np.zeros(len(cells), bool)
         for s in self.scorers:
-            if hasattr(s, "place"):
-                where, ok = s.place(out, chosen)
+            if hasattr(s, "place") and (not restricted_only or getattr(s, "restrict", True)):
+                where, ok = s.place(out, cells)
                 ok = np.asarray(ok, bool) & ~placed
                 latlng[ok] = where[ok]
                 placed |= ok
-        t = min(self.topk, cand.shape[1])
-        return Prediction(latlng, self.centroids[cand[:, :t]], post[:, :t].numpy().astype(np.float64),
-                          cand[:, :t].astype(np.int64), prob)
+        return latlng
 
     def predict(self, images, keys) -> Prediction:
         out = self.forward(images)
@@ -245,18 +323,23 @@ class ModelPredictor:
 
         reader = self.ocr
         text = [reader.text_evidence(im) for im in images] if reader is not None and images is not None else None
-        return explain(out, pred, self.cells, ocr=text, refine=self.refine)
+        how = self.refine if self.decode == "argmax" else f"{self.refine}, decode={self.decode}"
+        return explain(out, pred, self.cells, ocr=text, refine=how)
 
     def describe(self) -> dict:
         run = self.model.run_config or {}
         d = {"name": self.name, "kind": "geoclip" if run.get("model") == "geoclip" else "model",
              "ckpt": str(self.ckpt), "cells": str(self.cells_path),
              "n_cells": len(self.cells), "backbone": self.net.image_encoder.name, "refine": self.refine,
-             "topk": self.topk, "compiled": self.compiled, "explain": self.explain, "ocr": self._ocr is not None}
+             "topk": self.topk, "compiled": self.compiled, "explain": self.explain, "ocr": self._ocr is not None,
+             "decode": self.decode, "cell_temperature": self.temperature,
+             "calibration": None if self.calibration is None else self.calibration.source}
         if self.refine_requested != self.refine:
             d["refine_requested"] = self.refine_requested
+        if self.scorers or self.decode != "argmax":
+            d["candidates"] = self.candidates
         if self.scorers:
-            d.update(candidates=self.candidates, weights=dict(self.weights))
+            d["weights"] = dict(self.weights)
         for s in self.scorers:
             d.update(s.describe())
         if d["kind"] == "geoclip":
@@ -270,7 +353,8 @@ def build_predictor(ckpt: str | Path, *, refine: str = "none", scorers: Sequence
                     gallery_restrict: bool = True, gallery_backend: str = "blas", gallery_temperature: float = 0.05,
                     evidence_weights: dict | str | None = None, topk: int = 5, candidates: int = 10,
                     weights: dict | None = None, batch_size: int = 64, device: str = "cpu", compile: bool = False,
-                    explain: bool = False, ocr: bool = False, name: str = "model") -> ModelPredictor:
+                    explain: bool = False, ocr: bool = False, name: str = "model", decode: str = "argmax",
+                    calibration="auto") -> ModelPredictor:
     """Loads a checkpoint and its scorers' artifacts into a :class:`ModelPredictor`.
 
     Args:
@@ -295,12 +379,19 @@ def build_predictor(ckpt: str | Path, *, refine: str = "none", scorers: Sequence
         topk, candidates, weights, batch_size, compile, explain, name: see :class:`ModelPredictor`.
         device: ``cpu`` or ``cuda``.
         ocr: with ``explain``, read text in the photo (needs ``rapidocr-onnxruntime``).
+        decode: ``argmax`` (the most probable candidate), ``geoscore``, ``distance`` or ``acc@<km>`` (the
+            candidate with the best expected score: :mod:`geoloc.retrieval.decode`).
+        calibration: ``auto`` (``RUN/calibration_v1.json`` when ``python -m geoloc calibrate`` wrote one for
+            these weights), the path of a calibration file, a temperature, or None (uncalibrated); see
+            :func:`geoloc.inference.calibration.resolve_calibration`.
 
     Raises:
         ValueError, FileNotFoundError: a missing or damaged checkpoint or artifact; the message says how to
             make it.
     """
+    from geoloc.inference.calibration import resolve_calibration
     from geoloc.models.loading import load_checkpoint
+    from geoloc.retrieval.decode import parse_decode
     from geoloc.retrieval.scorers import EvidenceScorer, GalleryScorer, PrototypeScorer
 
     if scorers is None:
@@ -309,7 +400,9 @@ def build_predictor(ckpt: str | Path, *, refine: str = "none", scorers: Sequence
         raise ValueError(f"give either refine ({refine!r}) or scorers, not both")
     else:
         names = None
+    parse_decode(decode)  # a bad decode fails before the checkpoint is read
     model = load_checkpoint(ckpt, cells=cells, device=device)
+    cal = resolve_calibration(calibration, ckpt=ckpt, net=model.net)
     loaders: dict[str, Callable] = {
         "prototypes": lambda m: PrototypeScorer.from_run(m, index=index, temperature=temperature,
                                                          answer=prototype_answer),
@@ -332,7 +425,30 @@ def build_predictor(ckpt: str | Path, *, refine: str = "none", scorers: Sequence
         reader = TextReader()
     return ModelPredictor(model, made, topk=topk, candidates=candidates, weights=weights, batch_size=batch_size,
                           device=device, compile=compile, explain=explain, ocr=reader, name=name,
-                          refine_requested=refine_name(requested))
+                          refine_requested=refine_name(requested), decode=decode, calibration=cal)
+
+
+class _RepeatedRows(Mapping):
+    """The network outputs with each photo's row repeated ``k`` times (row ``i * k + j`` is photo ``i``), made
+    on first access: what placing every candidate cell (``k`` per photo) in one call needs."""
+
+    def __init__(self, out: dict, k: int):
+        self._out, self._k, self._made = out, int(k), {}
+        first = out.get("cell_prob")
+        self._rows = None if first is None else len(first)
+
+    def __getitem__(self, key):
+        if key not in self._made:
+            v = self._out[key]
+            rows = getattr(v, "shape", ())[:1]
+            self._made[key] = np.repeat(np.asarray(v), self._k, axis=0) if rows and rows[0] == self._rows else v
+        return self._made[key]
+
+    def __iter__(self):
+        return iter(self._out)
+
+    def __len__(self) -> int:
+        return len(self._out)
 
 
 def _spec_name(spec, names, i: int) -> str:

@@ -50,7 +50,14 @@ class GeoLocator(nn.Module):
             ``features [B, D]``, ``cell_logits [B, C]``, ``image_emb [B, E]`` (unnormalized) and, per
             evidence head, ``evidence/<head> [B, K]`` logits.
         """
-        features = self.image_encoder(images)
+        return self.heads(self.image_encoder(images))
+
+    def heads(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything after the backbone, on its features: what :meth:`forward` runs on the image encoder's
+        output, and what training on cached features (:mod:`geoloc.data.features`) runs alone.
+
+        Args: features ``[B, D]``. Returns: as :meth:`forward`.
+        """
         image_emb = self.image_proj(features)
         out = {"features": features, "image_emb": image_emb,
                "cell_logits": self.cell_head(image_emb if self.cell_input == "image_emb" else features)}

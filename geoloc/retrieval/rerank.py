@@ -7,7 +7,8 @@ The classifier proposes its ``K`` most probable cells (:func:`top_candidates`); 
     post = softmax(fused) * sum_k p(cell_k)
 
 (the posterior over the candidates, on the classifier's scale: the candidates keep their total mass)
-and sorts the candidates by it. Every function here is plain torch and TorchScript-scriptable, so that
+and sorts the candidates by it; which of them to answer is :mod:`geoloc.retrieval.decode`'s choice.
+Every function here is plain torch and TorchScript-scriptable, so that
 :class:`geoloc.inference.predictor.ModelPredictor` and the file written by :mod:`geoloc.inference.export`
 rank cells by exactly the same arithmetic with the same weights.
 """

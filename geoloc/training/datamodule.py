@@ -12,8 +12,13 @@ Evidence labels are computed once, not per batch: a shard record carries its own
 time), and a table's are looked up for all its rows at :meth:`GeoDataModule.setup`. Cell labels are
 assigned batch by batch through the geocells' H3 index.
 
-Augmentation follows GeoCLIP: random resized crop, horizontal flip, colour jitter, random grayscale;
-evaluation uses timm's own transform for the backbone.
+Augmentation follows GeoCLIP: random resized crop, horizontal flip, colour jitter, random grayscale
+(``augment=False`` trains on the evaluation transform); evaluation uses timm's own transform for the
+backbone.
+
+:class:`FeatureDataModule` is the same for a frozen backbone: the photos of a GeoDataModule's train and
+validation sets embedded once (:class:`~geoloc.data.features.FeatureCache`), batches of ``features``
+instead of ``image``, the photos left out of the caches reported as ``skipped``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from geoloc.data.features import FeatureCache, FeatureStore
 from geoloc.data.images import ImageError
 from geoloc.data.readers import GeoDataset
 from geoloc.data.transforms import bad_sample, decode_sample, eval_transform, is_bad_sample, train_transform
@@ -169,15 +175,17 @@ class GeoDataModule(pl.LightningDataModule):
         epoch_size: samples per epoch per worker when streaming shards (keeps DDP ranks in step);
             None streams each worker's shards once.
         seed: shuffling seed.
+        augment: GeoCLIP-style augmentation of the training photos; False gives them the evaluation transform.
     """
 
     def __init__(self, train, val, cells: Geocells, batch_size: int = 64, num_workers: int = 0,
-                 shuffle_buffer: int = 1000, epoch_size: int | None = None, seed: int = 0):
+                 shuffle_buffer: int = 1000, epoch_size: int | None = None, seed: int = 0, augment: bool = True):
         super().__init__()
         self.train_source, self.val_source = train, val
         self.cells = cells
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle_buffer, self.epoch_size, self.seed = shuffle_buffer, epoch_size, seed
+        self.augment = bool(augment)
         self.data_config: dict | None = None
         self.evidence_heads: tuple[str, ...] = ()
         self._labels: dict[str, dict[str, np.ndarray]] = {}
@@ -207,7 +215,8 @@ class GeoDataModule(pl.LightningDataModule):
             raise RuntimeError("GeoDataModule.set_data_config(backbone.data_config) must be called first")
         train = split == "train"
         source = self.train_source if train else self.val_source
-        transform = train_transform(self.data_config) if train else eval_transform(self.data_config)
+        transform = (train_transform(self.data_config) if train and self.augment
+                     else eval_transform(self.data_config))
         common = dict(batch_size=self.batch_size, num_workers=self.num_workers,
                       collate_fn=Collate(self.cells, self.evidence_heads), persistent_workers=self.num_workers > 0)
         if isinstance(source, GeoDataset):
@@ -221,6 +230,114 @@ class GeoDataModule(pl.LightningDataModule):
                                  transform=transform, epoch_size=self.epoch_size if train else None,
                                  evidence_heads=self.evidence_heads, mark_bad=True)
         return DataLoader(stream, **common)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+
+class _Features(Dataset):
+    """Map-style view of a :class:`~geoloc.data.features.FeatureCache`, fetched a batch at a time.
+
+    Index ``k`` means row ``k % N`` (see :class:`EpochSampler`). The DataLoader calls :meth:`__getitems__` with
+    a batch's indices, so a batch is a few tensor gathers, not a Python loop over photos.
+
+    Args:
+        cache: the features.
+        cells: the geocells (every row's cell is assigned once, here).
+        heads: the evidence heads whose labels the batches carry.
+    """
+
+    def __init__(self, cache: FeatureCache, cells: Geocells, heads: Sequence[str] = ()):
+        missing = [h for h in heads if h not in cache.labels]
+        if missing:
+            raise ValueError(f"{cache.source}: holds no labels for the evidence head(s) {missing}; rebuild it")
+        self.features = torch.from_numpy(np.ascontiguousarray(cache.features))  # [N, D]
+        self.latlng = torch.from_numpy(cache.latlng.astype(np.float32))  # [N, 2]
+        self.cell = torch.from_numpy(cells.assign(cache.latlng).astype(np.int64))  # [N]
+        self.keys = np.asarray(cache.keys)
+        self.labels = {h: torch.from_numpy(cache.labels[h].astype(np.int64)) for h in heads}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitems__(self, ks: list[int]) -> dict:
+        i = torch.as_tensor(ks, dtype=torch.long) % len(self.keys)
+        return {"features": self.features[i].float(), "latlng": self.latlng[i], "cell": self.cell[i],
+                "key": [str(k) for k in self.keys[i.numpy()]],
+                **{f"evidence/{h}": v[i] for h, v in self.labels.items()}}
+
+    def __getitem__(self, k: int) -> dict:
+        batch = self.__getitems__([k])
+        return {name: v[0] for name, v in batch.items()}
+
+
+class _FeatureCollate:
+    """Passes a :class:`_Features` batch on, adding ``skipped``: the photos its cache left out, in the first
+    batch only (:class:`~geoloc.training.callbacks.SkipRecorder` lists each photo once anyway)."""
+
+    def __init__(self, skipped: Sequence[tuple[str, str]]):
+        self.pending = [(str(k), str(r)) for k, r in skipped]
+
+    def __call__(self, batch: dict) -> dict:
+        batch["skipped"], self.pending = self.pending, []
+        return batch
+
+
+class FeatureDataModule(pl.LightningDataModule):
+    """Cached backbone features of the train and validation photos, for training heads on a frozen backbone.
+
+    Batches: ``features [B, D]`` float32, ``latlng [B, 2]``, ``cell [B]``, ``key`` (B image ids),
+    ``evidence/<head> [B]`` (-1 where masked) and ``skipped`` (``[(key, reason)]`` of the photos the caches
+    left out). Training batches come from the same seeded :class:`EpochSampler` as photos (split by rank).
+
+    Args:
+        train: the training set's features.
+        val: the validation set's features.
+        cells: the geocells (labels are assigned through them).
+        batch_size: per process.
+        seed: shuffling seed.
+    """
+
+    def __init__(self, train: FeatureCache, val: FeatureCache, cells: Geocells, batch_size: int = 64, seed: int = 0):
+        super().__init__()
+        if train.dim != val.dim or train.fingerprint != val.fingerprint:
+            raise ValueError(f"{train.source} and {val.source}: made by different backbones; train and validation "
+                             "features must come from the same one")
+        self.train_source, self.val_source = train, val
+        self.cells = cells
+        self.batch_size, self.seed = batch_size, seed
+        self.evidence_heads: tuple[str, ...] = ()
+
+    @classmethod
+    def from_datamodule(cls, photos: GeoDataModule, encoder: torch.nn.Module, store: FeatureStore) -> FeatureDataModule:
+        """The features of ``photos``' train and validation sets by ``encoder``, read from ``store`` or built there.
+
+        Keeps ``photos``' cells, batch size and seed.
+        """
+        caches = {split: store.get(source, encoder) for split, source in
+                  (("train", photos.train_source), ("val", photos.val_source))}
+        return cls(caches["train"], caches["val"], photos.cells, batch_size=photos.batch_size, seed=photos.seed)
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the backbone weights the features were made with."""
+        return self.train_source.fingerprint
+
+    def set_evidence_heads(self, heads: Sequence[str]) -> None:
+        """The evidence heads whose labels each batch carries."""
+        self.evidence_heads = tuple(heads)
+
+    def _loader(self, split: str) -> DataLoader:
+        train = split == "train"
+        cache = self.train_source if train else self.val_source
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = EpochSampler(len(cache), seed=self.seed, shuffle=train, rank=rank, world_size=world)
+        return DataLoader(_Features(cache, self.cells, self.evidence_heads), sampler=sampler,
+                          batch_size=self.batch_size, drop_last=train,
+                          collate_fn=_FeatureCollate([(k, r) for k, r, _ in cache.skipped]))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -3,7 +3,8 @@
 Finished work is never replaced: an ``output_dir`` that holds checkpoints is refused unless the command
 resumes that run (``ckpt_path=last``), and a resume is checked against the cells and the model before
 anything is written. A run that trained nothing is an error, not a success, and photos far from every
-cell are reported.
+cell are reported. Training on cached features is allowed only where it trains what photos would
+(:func:`use_features`), and a resume of such a run must have the backbone its features were made with.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 
+from geoloc.data.features import FeatureCache, module_fingerprint, state_fingerprint
 from geoloc.data.readers import GeoDataset
 from geoloc.geo.cells import Geocells
 
@@ -96,23 +98,75 @@ def check_resume(path: str, module: pl.LightningModule, cells: Geocells, output_
     return ckpt
 
 
+def use_features(enabled: bool | str, encoder, *, trainable_blocks, augment: bool) -> bool:
+    """Whether a run trains its heads on cached features (``features.enabled``) rather than on photos.
+
+    Cached features are those of un-augmented photos through the backbone in eval mode, so they train
+    exactly what photos would only when the backbone is frozen and the photos are not augmented.
+
+    Args:
+        enabled: True, False or ``"auto"`` (features exactly when they train the same as photos).
+        encoder: the run's image encoder (frozen when none of its parameters is trained).
+        trainable_blocks: the backbone's ``trainable_blocks`` setting, named in messages.
+        augment: the ``augment`` setting.
+
+    Raises:
+        ValueError: features asked for (True) with a backbone that is trained or with augmentation.
+    """
+    if enabled not in (True, False, "auto"):
+        raise ValueError(f"features.enabled must be true, false or auto, got {enabled!r}")
+    frozen = not any(p.requires_grad for p in encoder.parameters())
+    if enabled == "auto":
+        return frozen and not augment
+    if enabled and not frozen:
+        trained = ("every block" if trainable_blocks is None
+                   else f"its last {trainable_blocks} block(s)" if trainable_blocks else "some of it")
+        raise ValueError(f"features.enabled=true trains the heads on features cached from a frozen backbone, but "
+                         f"backbone.trainable_blocks={trainable_blocks} trains {trained}; set "
+                         "backbone.trainable_blocks=0 to train the heads on cached features, or features.enabled="
+                         "false (or auto) to fine-tune the backbone on photos")
+    if enabled and augment:
+        raise ValueError("features.enabled=true trains on features cached from un-augmented photos, but augment=true "
+                         "asks for augmented ones; set augment=false, or features.enabled=false (or auto) to train "
+                         "on augmented photos")
+    return bool(enabled)
+
+
+def check_resume_backbone(ckpt: dict, encoder, path: str) -> None:
+    """A run trained on cached features resumes only with the backbone weights its features are made with
+    (this run's ``encoder``, whose features the caches hold).
+
+    Raises:
+        ValueError: the checkpoint's backbone weights are others (another seed, other pretrained weights).
+    """
+    prefix = "model.image_encoder."
+    theirs = state_fingerprint({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    fingerprint = module_fingerprint(encoder)
+    if theirs != fingerprint:
+        raise ValueError(f"{path}: its backbone weights (fingerprint {theirs}) are not those the cached features were "
+                         f"made with ({fingerprint}); resume with the settings of its run (seed, backbone weights), "
+                         "or give another output_dir= for a new run")
+
+
 def check_enough_data(source, world_size: int, batch_size: int) -> None:
-    """A table-backed training set must fill at least one batch on every process (``drop_last``).
+    """A table-backed (or cached) training set must fill at least one batch on every process (``drop_last``).
 
     A shard stream's length is known only by reading it: :func:`check_trained` catches that case.
     """
-    if not isinstance(source, GeoDataset):
+    if not isinstance(source, GeoDataset | FeatureCache):
         return
+    usable = " usable" if isinstance(source, FeatureCache) else ""
     if -(-len(source) // world_size) < batch_size:
-        raise ValueError(f"{source.source}: the training set has {len(source)} photo(s), fewer than one batch of "
-                         f"batch_size={batch_size} per process x {world_size} process(es); lower batch_size= or "
+        raise ValueError(f"{source.source}: the training set has {len(source)}{usable} photo(s), fewer than one batch "
+                         f"of batch_size={batch_size} per process x {world_size} process(es); lower batch_size= or "
                          "give more training photos")
 
 
 def warn_far_from_cells(source, cells: Geocells) -> None:
     """Warns when training photos lie far from every cell: the cells were likely built for other data."""
-    if not isinstance(source, GeoDataset) or len(source) == 0:
+    if not isinstance(source, GeoDataset | FeatureCache) or len(source) == 0:
         return
+    keys = source.keys if isinstance(source, FeatureCache) else source.table["key"].to_numpy()
     dist = cells.distance_km(source.latlng)
     far = np.flatnonzero(dist > FAR_FROM_CELLS_KM)
     if len(far):
@@ -120,7 +174,7 @@ def warn_far_from_cells(source, cells: Geocells) -> None:
         lat, lng = source.latlng[i]
         warnings.warn(f"{len(far)} of {len(source)} training photos ({100 * len(far) / len(source):.1f}%) lie more "
                       f"than {FAR_FROM_CELLS_KM:.0f} km from every cell of {cells.source} (farthest: "
-                      f"{source.table['key'].iloc[i]} at [{lat:.3f}, {lng:.3f}], {dist[i]:,.0f} km away); they are "
+                      f"{keys[i]} at [{lat:.3f}, {lng:.3f}], {dist[i]:,.0f} km away); they are "
                       "trained on their nearest cell. Were the cells built from these photos' coordinates?",
                       stacklevel=2)
 

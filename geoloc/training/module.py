@@ -7,6 +7,12 @@ Losses (tensor-only modules in :mod:`geoloc.losses`):
   re-encoded with the current location encoder every step;
 * per evidence head, cross-entropy against the batch's ``evidence/<head>`` labels (masked ones left out).
 
+Batches carry photos (``image``) or a frozen backbone's cached features (``features``,
+:class:`~geoloc.training.datamodule.FeatureDataModule`); for features only the heads run
+(:meth:`~geoloc.models.geolocator.GeoLocator.heads`), with the same losses and metrics. A backbone with no
+trainable parameter is kept in eval mode throughout (its BatchNorm statistics and dropout fixed), so that it
+computes in training what it computes when its features are cached and when the run predicts.
+
 Validation metrics are torchmetrics (:class:`~geoloc.training.metrics.DistanceMetrics`, ``MeanMetric``), so
 that under DDP they are those of every rank's photos together.
 
@@ -89,8 +95,30 @@ class GeoLocModule(pl.LightningModule):
     def centroids(self) -> torch.Tensor:
         return self.cell_loss.cell_centroids
 
+    @property
+    def backbone_frozen(self) -> bool:
+        """No parameter of the image encoder is trained."""
+        return not any(p.requires_grad for p in self.model.image_encoder.parameters())
+
+    def train(self, mode: bool = True) -> GeoLocModule:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.model.image_encoder.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning does not call train() when fitting starts (a new network is in train mode as built)
+        if self.backbone_frozen:
+            self.model.image_encoder.eval()
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(images)
+
+    def _outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The network's outputs for a batch of photos (``image``) or of cached backbone features (``features``)."""
+        if "features" in batch:
+            return self.model.heads(batch["features"])
+        return self.model(batch["image"])
 
     def _losses(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
         latlng = batch["latlng"]
@@ -122,7 +150,7 @@ class GeoLocModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if len(batch["latlng"]) == 0:  # every photo of the batch was unreadable (counted by the collate)
             return None  # Lightning skips the step
-        out = self.model(batch["image"])
+        out = self._outputs(batch)
         losses = self._losses(batch, out)
         bs = len(batch["latlng"])
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=bs)
@@ -148,7 +176,7 @@ class GeoLocModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if len(batch["latlng"]) == 0:
             return
-        out = self.model(batch["image"])
+        out = self._outputs(batch)
         bs = len(batch["latlng"])
         if self.weights["cell"]:
             cell = self.cell_loss(out["cell_logits"], batch["latlng"], cell_ids=batch.get("cell"))
