@@ -444,7 +444,7 @@ def test_predict_accepts_an_exported_model_even_inside_a_run_folder(tiny_evidenc
     ckpt = json.loads(capsys.readouterr().out)
     assert exported["top_cells"][0]["cell_id"] == ckpt["top_cells"][0]["cell_id"]
     assert predict_main([photo, "--model", str(path), "--refine", "prototypes"]) == 2
-    assert "an exported model refines as it was exported" in capsys.readouterr().err
+    assert "an exported model refines, calibrates and decodes as it was exported" in capsys.readouterr().err
     assert predict_main([photo, "--model", str(path), "--topk", "9"]) == 2
     assert "exported with topk=3" in capsys.readouterr().err
 
