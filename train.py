@@ -85,6 +85,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
             does not fit this run, features asked for with a trained backbone or augmentation, a damaged or
             stale feature cache, a training set smaller than one batch, or no training step ran.
     """
+    from geoloc.precision import lightning_precision
     from geoloc.training import guards
     from geoloc.training.callbacks import RunConfigWriter, SkipRecorder
 
@@ -114,6 +115,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         datamodule.set_data_config(net.image_encoder.data_config)
     datamodule.set_evidence_heads(list(net.evidence))
 
+    # trainer.precision=auto: bf16-mixed where the accelerator computes bfloat16 natively, else 32-true (the
+    # run's config.yaml records which)
+    cfg.trainer.precision = lightning_precision(cfg.trainer.get("precision", "32-true"),
+                                                cfg.trainer.get("accelerator", "cpu"))
     skips = SkipRecorder(output_dir)
     callbacks = [*instantiate_each(cfg.get("callbacks")),
                  RunConfigWriter(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True)), skips]

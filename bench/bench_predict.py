@@ -5,9 +5,10 @@
 End to end means what ``evaluate.py`` and ``geoloc-predict`` do per batch: decode the JPEG files,
 preprocess (timm's eval transform), the image encoder, the cell head, softmax, top-K and the
 refinement (``none``, ``prototypes`` with an index of reference images, ``gallery`` with the 100K MP-16
-GPS gallery, cached; and ``none`` through ``torch.compile``). The bare reference is
-``timm.create_model(name, num_classes=0)`` on an already preprocessed float batch: no decoding, no
-head. Target: end to end >= 0.8x the bare forward. Both run
+GPS gallery, cached; and ``none`` through ``torch.compile``, in bf16 autocast, and both). The fp32 and bf16
+matmul peaks of this CPU are measured in the same run: the bf16 forward is set against the bf16 peak.
+The bare reference is ``timm.create_model(name, num_classes=0)`` on an already preprocessed float batch:
+no decoding, no head. Target: end to end >= 0.8x the bare forward. Both run
 with random weights (nothing can be downloaded here); speed does not depend on the weights. Timings
 alternate between the two sides in each repeat and the median is kept (the machine is shared).
 
@@ -110,6 +111,9 @@ def main() -> None:
     build_gallery(ckpt)  # the 100K MP-16 gallery, embedded once (python -m geoloc gallery)
     predictors["gallery"] = build_predictor(str(ckpt), refine="gallery", batch_size=args.batch)
     predictors["none_compiled"] = build_predictor(str(ckpt), batch_size=args.batch, compile=True)
+    predictors["none_bf16"] = build_predictor(str(ckpt), batch_size=args.batch, precision="bf16")
+    predictors["none_bf16_compiled"] = build_predictor(str(ckpt), batch_size=args.batch, precision="bf16",
+                                                       compile=True)
 
     def time_bare() -> float:
         with torch.inference_mode():
@@ -125,6 +129,7 @@ def main() -> None:
 
     time_bare()
     compile_s = time_e2e(predictors["none_compiled"])  # the first call compiles
+    compile_bf16_s = time_e2e(predictors["none_bf16_compiled"])
     for p in predictors.values():
         time_e2e(p)  # warm-up
     times: dict[str, list[float]] = {"bare": [], **{k: [] for k in predictors}}
@@ -144,13 +149,35 @@ def main() -> None:
     for _ in range(10):
         torch.mm(a, b)
     peak_gflops = 2 * 2048 ** 3 * 10 / (time.perf_counter() - t) / 1e9
+    a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)  # the bf16 peak (AMX), the new limit
+    torch.mm(a16, b16)
+    t = time.perf_counter()
+    for _ in range(10):
+        torch.mm(a16, b16)
+    peak_bf16_gflops = 2 * 2048 ** 3 * 10 / (time.perf_counter() - t) / 1e9
+    # the bf16 forward's share of the bf16 peak: the backbone's flops over the time of its bf16 forward
+    bf16_net = predictors["none_bf16_compiled"]
+    xb = x.to(bf16_net.device)
+    with torch.inference_mode():
+        bf16_times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            bf16_net.forward_batch(xb)
+            bf16_times.append(time.perf_counter() - t)
+    bf16_forward_gflops = fc.get_total_flops() / statistics.median(bf16_times) / 1e9
     bare_gflops = fc.get_total_flops() / med["bare"] / 1e9
     result = {
         "backbone": name, "batch": args.batch, "photos": str(paths[0].parent), "repeats": args.repeats,
         "images_per_s": {k: round(args.batch / v, 2) for k, v in med.items()},
         "ratio_vs_bare": {k: round(med["bare"] / v, 3) for k, v in med.items() if k != "bare"},
         "target_ratio": 0.8, "compile_first_call_s": round(compile_s, 1),
+        "compile_bf16_first_call_s": round(compile_bf16_s, 1),
+        "e2e_over_fp32_e2e": {k: round(med["none"] / med[k], 3) for k in
+                              ("none_compiled", "none_bf16", "none_bf16_compiled")},
         "matmul_peak_gflops": round(peak_gflops, 1), "bare_forward_gflops": round(bare_gflops, 1),
+        "matmul_peak_bf16_gflops": round(peak_bf16_gflops, 1),
+        "bf16_compiled_forward_gflops": round(bf16_forward_gflops, 1),
+        "bf16_compiled_forward_share_of_bf16_peak": round(bf16_forward_gflops / peak_bf16_gflops, 3),
         "bare_forward_share_of_peak": round(bare_gflops / peak_gflops, 3),
         "index_references": args.references if index_build_s is not None else None,
         "index_build_s": None if index_build_s is None else round(index_build_s, 2),

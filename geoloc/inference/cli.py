@@ -92,12 +92,13 @@ def predict_files(paths: list[str], predictor, *, batch_size: int = 32) -> list[
 def load_predictor(model: str, *, cells: str | None = None, refine: str = "none", index: str | None = None,
                    clip_weights: str | None = None, gallery: str | None = None, topk: int | None = None,
                    device: str = "cpu", explain: bool = False, ocr: bool = False, decode: str | None = None,
-                   calibration: str | None = None):
+                   calibration: str | None = None, precision: str | None = None):
     """A predictor for ``--model``: ``geoclip`` (GeoCLIP's released model), an exported TorchScript file or a
     ``train.py`` checkpoint (the last two told apart by content, not by name).
 
     ``decode`` (None: ``argmax``) and ``calibration`` (None: ``auto`` for a checkpoint, none for GeoCLIP; a
     path; ``none``) apply to checkpoints and GeoCLIP; an exported model answers as it was exported.
+    ``precision`` (None: ``32``; ``bf16``, ``auto``) is the forward pass's (:mod:`geoloc.precision`).
     """
     if model == "geoclip":
         if refine != "none":
@@ -107,14 +108,17 @@ def load_predictor(model: str, *, cells: str | None = None, refine: str = "none"
 
         return build_geoclip_predictor(clip_weights, cells=cells, index=index, topk=topk or 5, device=device,
                                        explain=explain, ocr=ocr, decode=decode or "argmax",
-                                       calibration=None if calibration in (None, "auto") else calibration)
+                                       calibration=None if calibration in (None, "auto") else calibration,
+                                       precision=precision or "32")
     from geoloc.models.loading import is_torchscript
 
     if Path(model).is_file() and is_torchscript(model):
-        if refine != "none" or index is not None or gallery is not None or decode is not None or calibration:
+        if (refine != "none" or index is not None or gallery is not None or decode is not None or calibration
+                or precision):
             raise ValueError(f"{model}: an exported model refines, calibrates and decodes as it was exported (python "
-                             "-m geoloc export refine=... predictor.decode=...); --refine, --index, --gallery, "
-                             "--decode and --calibration apply to train.py checkpoints")
+                             "-m geoloc export refine=... predictor.decode=... predictor.precision=...); --refine, "
+                             "--index, --gallery, --decode, --calibration and --precision apply to train.py "
+                             "checkpoints")
         from geoloc.inference.exported import ExportedPredictor
 
         return ExportedPredictor(model, cells=cells, topk=topk, device=device, explain=explain, ocr=ocr)
@@ -122,7 +126,7 @@ def load_predictor(model: str, *, cells: str | None = None, refine: str = "none"
 
     return build_predictor(model, cells=cells, refine=refine, index=index, gallery=gallery, topk=topk or 5,
                            device=device, explain=explain, ocr=ocr and explain, decode=decode or "argmax",
-                           calibration="auto" if calibration is None else calibration)
+                           calibration="auto" if calibration is None else calibration, precision=precision or "32")
 
 
 def format_text(r: dict) -> str:
@@ -178,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                         "accuracy)")
     parser.add_argument("--calibration", default=None, help="the cell temperature: a calibration file, or none "
                         "(default: RUN/calibration_v1.json when python -m geoloc calibrate wrote one)")
+    parser.add_argument("--precision", default=None, help="the forward pass: 32 (default), bf16 (bfloat16 autocast: "
+                        "AMX / AVX512-BF16 CPUs, GPUs) or auto (bf16 where the device has it)")
     parser.add_argument("--cells", default=None, help="geocells file (default: the run's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="photos decoded and predicted at a time")
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor = load_predictor(args.model, cells=args.cells, refine=args.refine, index=args.index,
                                    clip_weights=args.clip_weights, gallery=args.gallery, topk=args.topk,
                                    device=args.device, explain=args.explain, ocr=args.ocr, decode=args.decode,
-                                   calibration=args.calibration)
+                                   calibration=args.calibration, precision=args.precision)
     except (ImportError, *USER_ERRORS) as e:
         message = user_message(e) or str(e)
         if os.environ.get("GEOLOC_DEBUG"):

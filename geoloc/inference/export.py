@@ -61,15 +61,24 @@ CELL_NAME_COLUMNS = ("country", "adm0_a3", "admin1_name", "continent")
 class _Backbone(nn.Module):
     """Encoder, cell head and projection into the location encoder's space: what gets traced."""
 
-    def __init__(self, net):
+    def __init__(self, net, precision: str = "32"):
         super().__init__()
-        self.image_encoder, self.cell_head, self.image_proj = net.image_encoder, net.cell_head, net.image_proj
+        parts = (net.image_encoder, net.cell_head, net.image_proj)
+        self.bf16 = precision == "bf16"
+        if self.bf16:  # a bfloat16 copy of the weights (the network itself is left as it is)
+            import copy
+
+            parts = tuple(copy.deepcopy(p).to(torch.bfloat16) for p in parts)
+        self.image_encoder, self.cell_head, self.image_proj = parts
         self.cell_input = getattr(net, "cell_input", "features")  # fixed when traced
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.bf16:
+            x = x.to(torch.bfloat16)
         features = self.image_encoder(x)
         image_emb = self.image_proj(features)
-        return features, self.cell_head(image_emb if self.cell_input == "image_emb" else features), image_emb
+        logits = self.cell_head(image_emb if self.cell_input == "image_emb" else features)
+        return features.float(), logits.float(), image_emb.float()  # float32 from here on
 
 
 class ExportedGeolocator(nn.Module):
@@ -89,6 +98,8 @@ class ExportedGeolocator(nn.Module):
         place_in_cell: per scorer, whether its placement lies inside the cell it is given (False: an
             unrestricted gallery, which places nothing when a non-argmax decode places every candidate);
             None: all True.
+        precision: ``32`` or ``bf16``: the encoder, cell head and projection as a bfloat16 copy (its outputs
+            cast to float32; the softmax, reranking and answer stay float32, the evidence heads too).
     """
 
     weights: list[float]
@@ -96,9 +107,13 @@ class ExportedGeolocator(nn.Module):
 
     def __init__(self, net, data_config: dict, centroids, *, topk: int = 5, candidates: int = 10,
                  scorers: list[nn.Module] | None = None, weights: list[float] | None = None, cell_weight: float = 1.0,
-                 temperature: float = 1.0, decode: str = "argmax", place_in_cell: list[bool] | None = None):
+                 temperature: float = 1.0, decode: str = "argmax", place_in_cell: list[bool] | None = None,
+                 precision: str = "32"):
         super().__init__()
-        self.backbone = _Backbone(net)
+        if precision not in ("32", "bf16"):
+            raise ValueError(f"an exported model runs in precision 32 or bf16, not {precision!r}")
+        self.precision = precision
+        self.backbone = _Backbone(net, precision)
         self.evidence = net.evidence  # evidence heads: probabilities on the same features
         _, h, w = data_config["input_size"]
         self.crop_h, self.crop_w = int(h), int(w)
@@ -220,7 +235,7 @@ def exported_from_predictor(predictor) -> "tuple[ExportedGeolocator, dict]":
                                 candidates=predictor.candidates, scorers=parts,
                                 weights=[predictor.weights[s.name] for s in predictor.scorers],
                                 cell_weight=predictor.weights["cells"], temperature=predictor.temperature,
-                                decode=predictor.decode,
+                                decode=predictor.decode, precision=predictor.precision,
                                 place_in_cell=[bool(getattr(s, "restrict", True)) for s in predictor.scorers]).eval()
     t = model.cells.table
     names = {c: t[c].fillna("").astype(str).tolist() for c in CELL_NAME_COLUMNS if c in t.columns}
@@ -244,6 +259,7 @@ def exported_from_predictor(predictor) -> "tuple[ExportedGeolocator, dict]":
         "refine": predictor.refine, "candidates": module.candidates,
         "weights": {"cells": module.cell_weight, **{s.name: predictor.weights[s.name] for s in predictor.scorers}},
         "scorers": scorers, "decode": module.decode, "cell_temperature": module.temperature,
+        "precision": module.precision,
         "calibration": None if predictor.calibration is None else {
             "file": predictor.calibration.source, "fingerprint": predictor.calibration.fingerprint,
             **predictor.calibration.report},

@@ -209,5 +209,5 @@ class ExportedPredictor:
                 "prototypes": bool(self.meta.get("prototypes")), "refine": self.refine,
                 "evidence_heads": self.evidence_heads,
                 "explain": self.explain, "ocr": self.ocr is not None, "decode": self.decode,
-                "cell_temperature": self.temperature,
+                "cell_temperature": self.temperature, "precision": str(self.meta.get("precision") or "32"),
                 "calibration": (self.meta.get("calibration") or {}).get("file")}

@@ -27,7 +27,7 @@ def build_geoclip_predictor(clip_weights: str | Path | None = None, *, cells: st
                             device: str = "cpu", explain: bool = False, ocr: bool = False,
                             gallery_cache: str | Path | None = None, gallery_latlng=None,
                             clip_kwargs: dict | None = None, name: str = "geoclip", decode: str = "argmax",
-                            calibration=None) -> ModelPredictor:
+                            calibration=None, precision: str = "32") -> ModelPredictor:
     """GeoCLIP (CLIP ViT-L/14 + GeoCLIP's MLP, GPS encoder and logit scale) behind the predictor interface.
 
     Args:
@@ -48,6 +48,7 @@ def build_geoclip_predictor(clip_weights: str | Path | None = None, *, cells: st
             (:mod:`geoloc.retrieval.decode`; raise ``candidates`` with it).
         calibration: a calibration file fitted for this network (``python -m geoloc calibrate predictor=geoclip
             ... out=PATH``), a temperature, or None (GeoCLIP's own scale).
+        precision: the forward pass: ``32``, ``bf16``, ``16`` (CUDA) or ``auto`` (:mod:`geoloc.precision`).
     """
     from geoloc.inference.calibration import resolve_calibration
     from geoloc.models.geoclip import build_geoclip, geoclip_temperature
@@ -73,4 +74,4 @@ def build_geoclip_predictor(clip_weights: str | Path | None = None, *, cells: st
     return ModelPredictor(model, scorers, topk=topk, candidates=candidates,
                           weights={"cells": 1.0, "gallery": 0.0, "prototypes": 1.0, **(weights or {})},
                           batch_size=batch_size, device=device, explain=explain, ocr=reader, name=name,
-                          decode=decode, calibration=cal)
+                          decode=decode, calibration=cal, precision=precision)

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from geoloc.inference.base import Prediction
+from geoloc.precision import autocast, resolve_precision
 
 #: The ``refine`` shorthands and the scorers each stands for, in placing order.
 REFINE_SCORERS = {
@@ -95,6 +96,8 @@ class ModelPredictor:
         decode: ``argmax``, ``geoscore``, ``distance`` or ``acc@<km>`` (:mod:`geoloc.retrieval.decode`).
         calibration: a :class:`~geoloc.inference.calibration.Calibration` (its temperature divides the cell
             logits), or None.
+        precision: the forward pass's precision: ``32``, ``bf16``, ``16`` (CUDA) or ``auto``
+            (:func:`geoloc.precision.resolve_precision`; ``describe()`` says which was used).
     """
 
     needs_images = True
@@ -102,7 +105,7 @@ class ModelPredictor:
     def __init__(self, model, scorers: Sequence = (), *, topk: int = 5, candidates: int = 10,
                  weights: dict | None = None, batch_size: int = 64, device: str | None = None, compile: bool = False,
                  explain: bool = False, ocr=False, name: str = "model", refine_requested: str | None = None,
-                 decode: str = "argmax", calibration=None):
+                 decode: str = "argmax", calibration=None, precision: str = "32"):
         from geoloc.inference.calibration import Calibration
         from geoloc.retrieval.decode import decode_name, parse_decode
 
@@ -122,6 +125,7 @@ class ModelPredictor:
         self.weights = {"cells": 1.0, **{n: 1.0 for n in names},
                         **{str(k): float(v) for k, v in (weights or {}).items()}}
         self.device = device or str(next(model.net.parameters()).device)
+        self.precision = resolve_precision(precision, self.device)
         self.compiled = bool(compile)
         if compile:
             import torch
@@ -230,7 +234,9 @@ class ModelPredictor:
         import torch
 
         with torch.inference_mode():
-            return self._outputs(self._forward(x.to(self.device)))
+            with autocast(self.precision, self.device):
+                o = self._forward(x.to(self.device))
+            return self._outputs(o)
 
     def forward_features(self, features) -> dict[str, np.ndarray]:
         """The network after its backbone, on backbone features ``(B, D)`` (a
@@ -240,10 +246,13 @@ class ModelPredictor:
 
         with torch.inference_mode():
             x = torch.as_tensor(np.asarray(features, np.float32), device=self.device)
-            return self._outputs(self.net.heads(x))
+            with autocast(self.precision, self.device):
+                o = self.net.heads(x)
+            return self._outputs(o)
 
     def _outputs(self, o: dict) -> dict[str, np.ndarray]:
-        """The network's raw outputs as :meth:`forward` returns them (calibrated cells, evidence softmax)."""
+        """The network's raw outputs as :meth:`forward` returns them (calibrated cells, evidence softmax),
+        in float32 whatever the network ran in: the softmax over every cell is never taken in bf16."""
         logits = o["cell_logits"].float()
         out = {"cell_prob": (logits / self.temperature).softmax(-1), "cell_logits": logits,
                "features": o["features"].float(), "image_emb": o["image_emb"].float(),
@@ -332,7 +341,7 @@ class ModelPredictor:
              "ckpt": str(self.ckpt), "cells": str(self.cells_path),
              "n_cells": len(self.cells), "backbone": self.net.image_encoder.name, "refine": self.refine,
              "topk": self.topk, "compiled": self.compiled, "explain": self.explain, "ocr": self._ocr is not None,
-             "decode": self.decode, "cell_temperature": self.temperature,
+             "decode": self.decode, "cell_temperature": self.temperature, "precision": self.precision,
              "calibration": None if self.calibration is None else self.calibration.source}
         if self.refine_requested != self.refine:
             d["refine_requested"] = self.refine_requested
@@ -354,7 +363,7 @@ def build_predictor(ckpt: str | Path, *, refine: str = "none", scorers: Sequence
                     evidence_weights: dict | str | None = None, topk: int = 5, candidates: int = 10,
                     weights: dict | None = None, batch_size: int = 64, device: str = "cpu", compile: bool = False,
                     explain: bool = False, ocr: bool = False, name: str = "model", decode: str = "argmax",
-                    calibration="auto") -> ModelPredictor:
+                    calibration="auto", precision: str = "32") -> ModelPredictor:
     """Loads a checkpoint and its scorers' artifacts into a :class:`ModelPredictor`.
 
     Args:
@@ -384,6 +393,9 @@ def build_predictor(ckpt: str | Path, *, refine: str = "none", scorers: Sequence
         calibration: ``auto`` (``RUN/calibration_v1.json`` when ``python -m geoloc calibrate`` wrote one for
             these weights), the path of a calibration file, a temperature, or None (uncalibrated); see
             :func:`geoloc.inference.calibration.resolve_calibration`.
+        precision: ``32``, ``bf16``, ``16`` (CUDA) or ``auto`` (bf16 where the device supports it): the
+            network's forward pass under autocast; everything after the logits stays float32
+            (:mod:`geoloc.precision`).
 
     Raises:
         ValueError, FileNotFoundError: a missing or damaged checkpoint or artifact; the message says how to
@@ -425,7 +437,8 @@ def build_predictor(ckpt: str | Path, *, refine: str = "none", scorers: Sequence
         reader = TextReader()
     return ModelPredictor(model, made, topk=topk, candidates=candidates, weights=weights, batch_size=batch_size,
                           device=device, compile=compile, explain=explain, ocr=reader, name=name,
-                          refine_requested=refine_name(requested), decode=decode, calibration=cal)
+                          refine_requested=refine_name(requested), decode=decode, calibration=cal,
+                          precision=precision)
 
 
 class _RepeatedRows(Mapping):

@@ -46,7 +46,7 @@ def main(cfg) -> RetrievalIndex:
     clustering = hydra.utils.instantiate(cfg.cluster)
     index, skipped = RetrievalIndex.build(model.net, source, model.cells, eval_transform(model.data_config),
                                           embedding=cfg.embedding, batch_size=cfg.batch_size, clustering=clustering,
-                                          device=cfg.device, progress=cfg.progress)
+                                          device=cfg.device, precision=cfg.precision, progress=cfg.progress)
     index.meta["ckpt"] = str(Path(cfg.ckpt).resolve())
     out = Path(cfg.out) if cfg.out else default_index_dir(cfg.ckpt)
     index.save(out)

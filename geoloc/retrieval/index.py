@@ -91,7 +91,7 @@ def _as_numpy(x) -> np.ndarray:
 
 @torch.no_grad()
 def embed_images(net, images: list, transform, *, embedding: str = "features", batch_size: int = 64,
-                 device: str = "cpu") -> np.ndarray:
+                 device: str = "cpu", precision: str = "32") -> np.ndarray:
     """Embeds PIL images with a :class:`~geoloc.models.geolocator.GeoLocator`.
 
     Args:
@@ -100,17 +100,23 @@ def embed_images(net, images: list, transform, *, embedding: str = "features", b
         transform: its evaluation transform (PIL -> ``[3, H, W]``).
         embedding: ``features`` (the backbone's pooled features, ``net(x)["features"]``) or ``image_emb``
             (the projection into the location encoder's space, ``net(x)["image_emb"]``).
+        precision: ``32``, ``bf16``, ``16`` or ``auto`` (:mod:`geoloc.precision`): the forward pass under
+            autocast; the embeddings are normalized in float32.
 
     Returns:
         ``(B, D)`` float32, L2-normalized.
     """
+    from geoloc.precision import autocast, resolve_precision
+
+    precision = resolve_precision(precision, device)
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
     was_training = net.training
     net.eval()
     try:
-        out = [net(torch.stack([transform(im) for im in images[s:s + batch_size]]).to(device))[embedding].float().cpu()
-               for s in range(0, len(images), batch_size)]
+        with torch.inference_mode(), autocast(precision, device):
+            out = [net(torch.stack([transform(im) for im in images[s:s + batch_size]]).to(device))[embedding]
+                   .float().cpu() for s in range(0, len(images), batch_size)]
     finally:
         net.train(was_training)
     return _normalize(torch.cat(out).numpy()) if out else np.zeros((0, 0), np.float32)
@@ -355,7 +361,7 @@ class RetrievalIndex:
 
     @classmethod
     def build(cls, net, source, cells: Geocells, transform, *, embedding: str = "features", batch_size: int = 64,
-              clustering: Clustering | None = None, device: str = "cpu",
+              clustering: Clustering | None = None, device: str = "cpu", precision: str = "32",
               progress: bool = False) -> tuple[RetrievalIndex, SkipReport]:
         """Embeds every readable photo of ``source`` and indexes it.
 
@@ -369,6 +375,7 @@ class RetrievalIndex:
             batch_size: photos per forward pass.
             clustering: the clustering settings; None: :class:`Clustering` defaults.
             device: where the network is.
+            precision: of the forward pass (:func:`embed_images`); recorded in the index's meta.
             progress: show a progress bar.
 
         Returns:
@@ -387,7 +394,7 @@ class RetrievalIndex:
         def flush():
             if batch:
                 embs.append(embed_images(net, [it.image for it in batch], transform, embedding=embedding,
-                                         batch_size=batch_size, device=device))
+                                         batch_size=batch_size, device=device, precision=precision))
                 latlng.extend(it.latlng for it in batch)
                 keys.extend(it.key for it in batch)
                 if bar is not None:
@@ -407,7 +414,10 @@ class RetrievalIndex:
         if not latlng:
             raise ValueError(f"{name}: no readable reference photo ({len(skipped)} skipped: {dict(skipped.counts)})")
         latlng = np.asarray(latlng, np.float64)
+        from geoloc.precision import resolve_precision
+
         meta = {"embedding": embedding, "fingerprint": encoder_fingerprint(net), "n_cells": len(cells),
+                "precision": resolve_precision(precision, device),
                 "cells": str(cells.source), "source": str(getattr(source, "source", name)), "dataset": name,
                 "notes": list(getattr(source, "notes", [])), "skipped": skipped.to_dict(max_items=20)}
         index = cls.from_embeddings(latlng, np.concatenate(embs), cells.assign(latlng), keys=np.asarray(keys),

@@ -1,0 +1,113 @@
+"""bf16 against fp32 on real photos with a trained model: the same answers, the same reasoning.
+
+    .venv/bin/python bench/bench_precision.py [--study outputs/study] [--decode geoscore]
+
+The model: the smoothing recipe of bench_study.py's rotation 4 (frozen EfficientNet-Lite2 + trained heads; run
+the study first), on all 1,821 Im2GPS3k dev photos, predicted end to end from the photos by
+:class:`~geoloc.inference.predictor.ModelPredictor` with ``precision=32`` and ``precision=bf16``. Reported:
+top-1 cell agreement, the largest cell-probability difference, the GeoScore of each (and its relative
+difference), the reasoning chains' claims (same claims; the largest probability difference in percentage
+points), the exported bf16 model against the eager bf16 predictor, and the time of each.
+Targets: >= 99% same top-1 cell, GeoScore within 1%, claims within 1 point. Writes bench/results/precision.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from bench_study import SHARED, TAU  # noqa: E402
+
+
+def _claims(chain: dict) -> dict:
+    """``{(stage, head, source, value): probability}`` of a chain's claims."""
+    return {(c["stage"], c["head"], c["source"], json.dumps(c["value"])): c["probability"] for c in chain["claims"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--study", default=str(REPO / "outputs" / "study"))
+    parser.add_argument("--decode", default="geoscore")
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    from geoloc.data.images import SkipReport
+    from geoloc.data.readers import read_im2gps
+    from geoloc.evaluation.metrics import geoscore
+    from geoloc.geo import haversine_km
+    from geoloc.inference.export import export
+    from geoloc.inference.predictor import build_predictor
+
+    study = json.loads((HERE / "results" / "study.json").read_text())
+    tau = study["choices"]["r4/smooth"]["setting"][TAU]
+    ckpt = Path(args.study) / "runs" / "r4" / f"smooth_tau_km{tau:g}" / "checkpoints" / "best.ckpt"
+    if not ckpt.is_file():
+        sys.exit(f"{ckpt}: missing; run bench/bench_study.py --out {args.study} first")
+    items = list(read_im2gps(SHARED / "im2gps3k-dev").iter_items(SkipReport()))
+    images, true = [it.image for it in items], np.asarray([it.latlng for it in items])
+    out, times, preds, chains = {}, {}, {}, {}
+    for precision in ("32", "bf16"):
+        p = build_predictor(str(ckpt), refine="evidence", decode=args.decode, candidates=50, batch_size=args.batch,
+                            precision=precision, explain=True)
+        p.forward(images[:args.batch])  # warm-up
+        t = time.perf_counter()
+        out[precision] = p.forward(images)
+        times[precision] = time.perf_counter() - t
+        preds[precision] = p.refine_batch(out[precision])
+        chains[precision] = p.explain_batch(out[precision], preds[precision])
+        if precision == "bf16":
+            eager_bf16 = p
+    a, b = out["32"], out["bf16"]
+    gs = {k: float(geoscore(haversine_km(preds[k].latlng, true)).mean()) for k in preds}
+    claim_diff, claims_same = 0.0, 0
+    for ca, cb in zip(chains["32"], chains["bf16"]):
+        x, y = _claims(ca), _claims(cb)
+        claims_same += x.keys() == y.keys()
+        claim_diff = max([claim_diff, *(abs(x[k] - y[k]) for k in x.keys() & y.keys())])
+    # the exported bf16 model against the eager bf16 predictor, on the first photos
+    with tempfile.TemporaryDirectory() as tmp:
+        path, _ = export(eager_bf16, Path(tmp) / "model_bf16.pt")
+        module = torch.jit.load(str(path))
+        n = 64
+        with torch.no_grad():
+            exp = np.concatenate([module(torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None])["cell_prob"].numpy()
+                                  for im in images[:n]])
+    result = {
+        "model": f"{ckpt} (EfficientNet-Lite2 frozen + heads, refine=evidence, decode={args.decode})",
+        "photos": len(images),
+        "top1_cell_agreement": round(float((a["cell_prob"].argmax(1) == b["cell_prob"].argmax(1)).mean()), 4),
+        "max_abs_cell_prob_diff": float(np.abs(a["cell_prob"] - b["cell_prob"]).max()),
+        "feature_rel_diff": float(np.linalg.norm(a["features"] - b["features"]) / np.linalg.norm(a["features"])),
+        "geoscore": {k: round(v, 2) for k, v in gs.items()},
+        "geoscore_rel_diff": round(abs(gs["bf16"] - gs["32"]) / gs["32"], 4),
+        "answers_within_1km": round(float((haversine_km(preds["32"].latlng, preds["bf16"].latlng) <= 1).mean()), 4),
+        "chains_with_the_same_claims": round(claims_same / len(chains["32"]), 4),
+        "max_claim_prob_diff_points": round(100 * claim_diff, 2),
+        "exported_bf16_vs_eager_bf16": {
+            "photos": n, "max_abs_cell_prob_diff": float(np.abs(exp - b["cell_prob"][:n]).max()),
+            "top1_agreement": float((exp.argmax(1) == b["cell_prob"][:n].argmax(1)).mean())},
+        "forward_s": {k: round(v, 1) for k, v in times.items()},
+        "bf16_speedup": round(times["32"] / times["bf16"], 2),
+        "targets": {"top1_cell_agreement": 0.99, "geoscore_rel_diff": 0.01, "max_claim_prob_diff_points": 1.0},
+        "cores": os.cpu_count(), "threads": torch.get_num_threads(), "machine": platform.machine(),
+    }
+    from geoloc.artifacts import atomic_write_json
+
+    atomic_write_json(HERE / "results" / "precision.json", result)
+    for k, v in result.items():
+        print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    main()
