@@ -24,34 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from bench_train import _FixedBatches  # noqa: E402
-
-
-def _step_seconds(module, batch, steps: int, warm: int = 3) -> float:
-    """Seconds per training step of ``module`` under ``pl.Trainer`` on a fixed batch."""
-
-    class Timer(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, b, i):
-            if i == warm:
-                self.t = time.perf_counter()
-
-        def on_train_end(self, trainer, pl_module):
-            self.s = (time.perf_counter() - self.t) / steps
-
-    timer = Timer()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=warm + steps, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_FixedBatches(batch, warm + steps),
-                                                                      batch_size=None))
-    return timer.s
+from bench_train import _lightning_step_s  # noqa: E402
 
 
 def main() -> None:
@@ -94,10 +73,10 @@ def main() -> None:
     with torch.no_grad():
         features = encoder.eval()(images)
 
-    photos_s = _step_seconds(module, {"image": images, **common}, args.steps)
-    features_s = _step_seconds(build(), {"features": features, **common}, args.steps)
-    no_gps_s = _step_seconds(build("model.module.loss_weights.gps=0"), {"features": features, **common},
-                             args.steps * 5)
+    photos_s = _lightning_step_s(module, {"image": images, **common}, args.steps, "32-true")
+    features_s = _lightning_step_s(build(), {"features": features, **common}, args.steps, "32-true")
+    no_gps_s = _lightning_step_s(build("model.module.loss_weights.gps=0"), {"features": features, **common},
+                                 args.steps * 5, "32-true")
 
     sample = read_sample(split="train", n_images=256)
     t = time.perf_counter()

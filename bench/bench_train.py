@@ -144,22 +144,7 @@ def main() -> None:
 
     # (c) Lightning: the same module under pl.Trainer (fresh weights, same shapes)
     _, module2 = _build(cfg, cells)
-
-    class Timer(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, b_, i):
-            if i == warm:
-                self.t = time.perf_counter()
-
-        def on_train_end(self, trainer, pl_module):
-            self.s = (time.perf_counter() - self.t) / n
-
-    timer = Timer()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=warm + n, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, callbacks=[timer])
-    loader = torch.utils.data.DataLoader(_FixedBatches(batch, warm + n), batch_size=None)
-    trainer.fit(module2, train_dataloaders=loader)
-    lightning_s = timer.s
+    lightning_s = _lightning_step_s(module2, batch, n, "32-true", warm=warm)
 
     # (d) data pipeline on one core: decode + augment from shards
     shards = tmp / "shards"
