@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_dir
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from bench_train import _lightning_step_s  # noqa: E402
+from bench_train import _lightning_step_s, sample_cells  # noqa: E402
 
 
 def main() -> None:
@@ -41,17 +41,14 @@ def main() -> None:
     torch.manual_seed(0)
     import hydra
 
-    from geocells.boundaries import load_boundaries
-    from geocells.build import build_geocells, write_geocells
     from geoloc.data.features import FeatureCache
     from geoloc.data.readers import read_sample
     from geoloc.evidence.labels import HEADS
     from geoloc.geo.cells import Geocells
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_heads."))
-    train_ds = read_sample(split="train")
-    cells_gdf, _ = build_geocells(train_ds.latlng, load_boundaries(), min_points=25, max_points=200)
-    cells = Geocells.load(write_geocells(cells_gdf, tmp / "cells.parquet", meta={"scheme": "semantic"}))
+    train_ds, cells_path = sample_cells(tmp)
+    cells = Geocells.load(cells_path)
     evidence = "++model.evidence={" + ", ".join(f"{h}: 0.1" for h in HEADS) + "}"
     b = args.batch
 

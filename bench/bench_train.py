@@ -87,6 +87,18 @@ def _precision_ratio(cfg, cells, batch, steps: int) -> dict:
     return out
 
 
+def sample_cells(tmp: Path):
+    """The embedded sample's training split and geocells built from it (25-200 points per cell) in ``tmp``:
+    ``(dataset, cells path)``."""
+    from geocells.boundaries import load_boundaries
+    from geocells.build import build_geocells, write_geocells
+    from geoloc.data.readers import read_sample
+
+    train_ds = read_sample(split="train")
+    cells_gdf, _ = build_geocells(train_ds.latlng, load_boundaries(), min_points=25, max_points=200)
+    return train_ds, write_geocells(cells_gdf, tmp / "cells.parquet", meta={"scheme": "semantic"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
@@ -94,18 +106,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    from geocells.boundaries import load_boundaries
-    from geocells.build import build_geocells, write_geocells
-    from geoloc.data.readers import read_sample
     from geoloc.data.shards import make_webdataset, write_shards
     from geoloc.data.transforms import train_transform
     from geoloc.geo.cells import Geocells
     from geoloc.training.datamodule import Collate
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train."))
-    train_ds = read_sample(split="train")
-    cells_gdf, _ = build_geocells(train_ds.latlng, load_boundaries(), min_points=25, max_points=200)
-    cells_path = write_geocells(cells_gdf, tmp / "cells.parquet", meta={"scheme": "semantic"})
+    train_ds, cells_path = sample_cells(tmp)
     cells = Geocells.load(cells_path)
     cfg = _cfg(cells_path, tmp / "run")
     backbone, module = _build(cfg, cells)
