@@ -78,3 +78,23 @@ def autocast(precision: str, device="cpu"):
     import torch
 
     return torch.autocast(device_type=str(device).split(":")[0], dtype=getattr(torch, dtype))
+
+
+def training_attention(model, precision: str | int | None, device="cpu") -> list:
+    """Choose how the attention layers of ``model`` (timm's, with a ``fused_attn`` switch) compute when trained
+    in ``precision`` on ``device``; returns the layers switched to the explicit form (set their ``fused_attn``
+    back to True to undo).
+
+    On a CPU in bfloat16, PyTorch's fused scaled-dot-product attention has a slow backward (its flash-attention
+    kernel's gradient runs several times slower than in float32, and slower than the rest of a small ViT's
+    step together), while the explicit ``softmax(q k^T) v`` runs its two matmuls on the bf16 units and its
+    softmax in float32 under autocast. Anywhere else (float32, GPUs) the fused kernel is kept. The choice is
+    an attribute, not a weight: checkpoints are unchanged.
+    """
+    name = _NAMES.get(str(precision if precision is not None else "32").strip().lower())
+    if name != "bf16" or str(device).split(":")[0] != "cpu":
+        return []
+    switched = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
+    for m in switched:
+        m.fused_attn = False
+    return switched

@@ -48,17 +48,18 @@ def _train_tiny(root: Path, *extra: str, evidence_cells: bool = False) -> dict:
             *TINY_TRAIN, f"cells={cells_path}", f"data.root={folder}", "data.n_images=240", f"output_dir={run}",
             "trainer.max_steps=6", "+trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "logger=none",
             *extra])
-    train(cfg)
+    _, objects = train(cfg)
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
-    return {"sample": folder, "cells": Path(cells_path), "ckpt": ckpt, "run": run}
+    return {"sample": folder, "cells": Path(cells_path), "ckpt": ckpt, "run": run, "objects": objects}
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> dict:
     """A real (tiny) train.py run on a 240-image embedded sample, for everything that needs a checkpoint.
 
-    Returns ``{"sample": folder, "cells": cells.parquet, "ckpt": RUN/checkpoints/last.ckpt, "run": RUN}``.
+    Returns ``{"sample": folder, "cells": cells.parquet, "ckpt": RUN/checkpoints/last.ckpt, "run": RUN, "objects":
+    what train.py built}``.
     Trained for 6 steps: the weights are not good, but every file a real run writes is there.
     """
     return _train_tiny(tmp_path_factory.mktemp("tiny_run"))

@@ -92,3 +92,61 @@ def test_the_bf16_export_answers_as_the_eager_bf16_predictor(tiny_run, tmp_path)
     via_pil = eager.forward([it.image for it in items])["cell_prob"]
     assert np.abs(out["cell_prob"].numpy() - via_pil).max() < 0.05
     assert ExportedPredictor(path).describe()["precision"] == "bf16"
+
+
+def test_bf16_training_on_cpu_uses_explicit_attention_with_the_same_gradients():
+    """In bf16 on a CPU the timm attention layers are switched to the explicit form (the fused kernel's backward
+    is slow there); in float32, or on another device, nothing changes; gradients agree with the fused path."""
+    import timm
+
+    from geoloc.precision import training_attention
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                            depth=2)
+    attn = [m for m in vit.modules() if hasattr(m, "fused_attn")]
+    assert attn and all(m.fused_attn for m in attn)
+    assert training_attention(vit, "32-true", "cpu") == [] and training_attention(vit, "bf16-mixed", "cuda:0") == []
+    assert all(m.fused_attn for m in attn)
+    x = torch.randn(4, 3, 32, 32)
+
+    def grads():
+        vit.zero_grad()
+        with autocast("bf16", "cpu"):
+            out = vit(x)
+        out.float().square().mean().backward()
+        return torch.cat([p.grad.flatten() for p in vit.parameters()])
+
+    fused = grads()
+    switched = training_attention(vit, "bf16-mixed", "cpu")
+    assert len(switched) == len(attn) and not any(m.fused_attn for m in attn)
+    explicit = grads()
+    assert torch.linalg.vector_norm(explicit - fused) / torch.linalg.vector_norm(fused) < 0.05
+
+
+class AttentionProbe:
+    """A Lightning callback (built by train.py from ``callbacks``) that records the attention layers' mode."""
+
+    seen: list = []
+
+    def __new__(cls):
+        import pytorch_lightning as pl
+
+        class Probe(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                AttentionProbe.seen.append([m.fused_attn for m in pl_module.modules() if hasattr(m, "fused_attn")])
+
+        return Probe()
+
+
+def test_fitting_in_bf16_trains_explicit_attention_and_gives_back_fused_layers(tmp_path):
+    if not bf16_supported("cpu"):
+        pytest.skip("this CPU has no bfloat16 units")
+    from .conftest import _train_tiny
+
+    AttentionProbe.seen.clear()
+    out = _train_tiny(tmp_path, "trainer.precision=bf16-mixed",
+                      "+callbacks.probe._target_=tests.test_precision.AttentionProbe")
+    assert AttentionProbe.seen and all(not any(s) for s in AttentionProbe.seen)  # every step: explicit
+    net = out["objects"]["model"]
+    assert all(m.fused_attn for m in net.modules() if hasattr(m, "fused_attn"))

@@ -70,6 +70,9 @@ def test_configs_instantiate(extra, sample, tmp_path):
     module = hydra.utils.instantiate(cfg.model.module, model=net, cells=cells)
     assert module.cells_fingerprint == cells.fingerprint() and module.model is net
     instantiate_each(cfg.logger)
+    from geoloc.precision import lightning_precision
+
+    cfg.trainer.precision = lightning_precision(cfg.trainer.precision, cfg.trainer.accelerator)  # as train.py does
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_each(cfg.callbacks), logger=False)
     assert trainer is not None
     assert cfg.data.datamodule._target_ == "geoloc.training.datamodule.GeoDataModule"

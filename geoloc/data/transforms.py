@@ -100,8 +100,8 @@ def decode_sample(photo, *, key: str, latlng, labels: Mapping[str, int] | None =
     image = decode_image(photo, name=name, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
     if transform is not None and seed is not None:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            image = transform(image)
+            torch.random.default_generator.manual_seed(seed)  # the CPU generator the transforms draw from (not
+            image = transform(image)  # torch.manual_seed, which also queues a CUDA seeding with a stack trace)
     elif transform is not None:
         image = transform(image)
     return {"image": image, "latlng": torch.tensor(latlng, dtype=torch.float32), "key": str(key),

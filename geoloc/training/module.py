@@ -34,6 +34,7 @@ from torchmetrics import MeanMetric
 from geoloc.geo.cells import Geocells
 from geoloc.losses import GPSContrastiveLoss, GPSQueue, HaversineSmoothingLoss, gather_latlng
 from geoloc.models.geolocator import GeoLocator
+from geoloc.precision import training_attention
 from geoloc.training.metrics import DistanceMetrics
 
 
@@ -105,6 +106,15 @@ class GeoLocModule(pl.LightningModule):
         if self.backbone_frozen:
             self.model.image_encoder.eval()
         return self
+
+    def on_fit_start(self) -> None:
+        # bf16 on a CPU: explicit attention trains faster than the fused kernel there (geoloc.precision)
+        self._unfused = training_attention(self.model, str(self.trainer.precision), self.device)
+
+    def on_fit_end(self) -> None:
+        for m in getattr(self, "_unfused", ()):  # the network leaves fitting as it came
+            m.fused_attn = True
+        self._unfused = []
 
     def on_train_epoch_start(self) -> None:
         # Lightning does not call train() when fitting starts (a new network is in train mode as built)
