@@ -32,6 +32,7 @@ lint: $(STAMP)
 # beat the constant baseline. Run again, it resumes (a finished demo is not trained again); make clean-demo
 # starts over.
 SAMPLE_CSV = $$($(PY) -c 'from geoloc.data.sample import default_sample_root as d; print(d() / "sample.csv")')
+EVERY_CELL = 100000  # candidates for the answer rule: all of the demo's cells (the expected GeoScore over every cell)
 EVAL_TEST  = data=shards data.name=sample-test data.dir=$(DEMO)/shards data.split=test data.reference.source=sample progress=false
 
 demo: $(STAMP)
@@ -42,7 +43,7 @@ demo: $(STAMP)
 		min_points=25 max_points=200
 	$(PY) train.py experiment=demo trainer.enable_progress_bar=false ckpt_path=last
 	$(PY) evaluate.py $(EVAL_TEST) predictor=model ckpt=$(DEMO)/train/checkpoints/best.ckpt output_dir=$(DEMO)/model \
-		predictor.explain=true
+		predictor.explain=true predictor.decode=geoscore predictor.candidates=$(EVERY_CELL)
 	$(PY) -m geoloc export ckpt=$(DEMO)/train/checkpoints/best.ckpt out=$(DEMO)/model.pt
 	$(PY) evaluate.py $(EVAL_TEST) predictor=constant output_dir=$(DEMO)/constant
 	$(PY) evaluate.py $(EVAL_TEST) predictor=prior output_dir=$(DEMO)/prior

@@ -82,7 +82,7 @@ class ModelPredictor:
         model: a :class:`~geoloc.models.loading.LoadedModel` (:func:`~geoloc.models.loading.load_checkpoint`).
         scorers: the :class:`~geoloc.retrieval.scorers.Scorer` s, in placing order.
         topk: ranked cells reported per photo.
-        candidates: cells reranked (at least ``topk``).
+        candidates: cells reranked (at least ``topk``, at most every cell).
         weights: fusion weights, ``{"cells": w, <scorer name>: w}``; 1 for any left out.
         batch_size: photos per forward pass.
         device: where inputs go; None: where the model is.
@@ -121,7 +121,7 @@ class ModelPredictor:
         if len(set(names)) != len(names):
             raise ValueError(f"each scorer may appear once, got {names}")
         self.name, self.topk, self.batch_size = name, int(topk), int(batch_size)
-        self.candidates = max(int(candidates), self.topk)
+        self.candidates = min(max(int(candidates), self.topk), len(model.cells))  # more than every cell is every cell
         self.weights = {"cells": 1.0, **{n: 1.0 for n in names},
                         **{str(k): float(v) for k, v in (weights or {}).items()}}
         self.device = device or str(next(model.net.parameters()).device)
@@ -354,6 +354,53 @@ class ModelPredictor:
         if d["kind"] == "geoclip":
             d.update(clip_weights=run.get("clip_weights"), random_clip=bool(run.get("random_clip")))
         return d
+
+
+class PrecomputedPredictor:
+    """A :class:`ModelPredictor` whose network already ran: it answers from the raw network outputs of each
+    photo (an embedding pass over several processes, :func:`geoloc.training.embedding.run_embedding_pass`),
+    with the predictor's own calibration, reranking, answer rule and reasoning chains, so that its
+    predictions are the predictor's. Photos are looked up by key; it needs no image (no OCR).
+
+    Args:
+        predictor: the predictor whose network made the outputs.
+        keys: ``(N,)`` the photos' keys.
+        outputs: ``{name: (N, ...)}``: the network's raw outputs (``cell_logits``, ``features``, ``image_emb``,
+            ``evidence/<head>`` logits), as ``predictor``'s network returns them.
+    """
+
+    needs_images = False
+
+    def __init__(self, predictor: ModelPredictor, keys, outputs: Mapping[str, np.ndarray]):
+        if predictor._ocr is not None:
+            raise ValueError("OCR reads the photos themselves: it cannot run on outputs computed beforehand; "
+                             "predict in one process (no trainer) or set predictor.ocr=false")
+        self.predictor = predictor
+        self.outputs = {k: np.asarray(v) for k, v in outputs.items()}
+        self.row = {str(k): i for i, k in enumerate(keys)}
+
+    def __getattr__(self, name):  # name, cells, explain, topk, ...: the predictor's
+        if name == "predictor":
+            raise AttributeError(name)
+        return getattr(self.predictor, name)
+
+    def describe(self) -> dict:
+        return self.predictor.describe()
+
+    def predict(self, images, keys) -> Prediction:
+        import torch
+
+        try:
+            rows = np.array([self.row[str(k)] for k in keys], dtype=np.int64)
+        except KeyError as e:
+            raise ValueError(f"no network outputs for photo {e.args[0]!r}: the pass and the evaluation read "
+                             "different photos") from None
+        p = self.predictor
+        out = p._outputs({k: torch.from_numpy(v[rows]) for k, v in self.outputs.items()})
+        pred = p.refine_batch(out)
+        if p.explain:
+            pred.explanations = p.explain_batch(out, pred, None)
+        return pred
 
 
 def build_predictor(ckpt: str | Path, *, refine: str = "none", scorers: Sequence | None = None,
