@@ -25,6 +25,10 @@ def main(cfg: DictConfig) -> dict:
     """Builds the dataset and predictor from the config and evaluates; returns the metrics."""
     source = hydra.utils.instantiate(cfg.data.dataset)
     predictor = hydra.utils.instantiate(cfg.predictor)
+    if cfg.get("trainer") is not None:  # the network's pass through Lightning's predict loop, then the scoring
+        source, predictor = _network_pass(cfg, source, predictor)
+        if source is None:
+            return {}  # another process of the pass: the first one scores and writes
     admin_of = default_admin_lookup() if cfg.country else None
     metrics = evaluate(source, predictor, cfg.output_dir, batch_size=cfg.batch_size, resume=cfg.resume,
                        progress=cfg.progress, admin_of=admin_of, plots=cfg.plots)
@@ -38,6 +42,27 @@ def main(cfg: DictConfig) -> dict:
         raise ValueError(f"{source.name}: no photo was scored ({metrics['n_skipped']} skipped: {reasons}); see "
                          f"{cfg.output_dir}/skipped.csv")
     return metrics
+
+
+def _network_pass(cfg: DictConfig, source, predictor):
+    """Runs the predictor's network over ``source`` on ``cfg.trainer``'s processes (``trainer=ddp_cpu``: 2 CPU
+    processes; ``trainer=ddp``: GPUs and nodes); returns the source and predictor the engine then scores in the
+    first process (the same predictions as without a trainer), or ``(None, None)`` in the others."""
+    from pathlib import Path
+
+    from geoloc.inference.predictor import ModelPredictor, PrecomputedPredictor
+    from geoloc.training.embedding import pass_trainer, run_embedding_pass
+
+    if not isinstance(predictor, ModelPredictor):
+        raise ValueError(f"trainer= spreads a network's forward pass; predictor {predictor.name!r} has none (run it "
+                         "without a trainer)")
+    result = run_embedding_pass(source, predictor.transform, predictor._forward, {"net": predictor.net},
+                                trainer=pass_trainer(cfg.trainer), work_dir=Path(cfg.output_dir),
+                                batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                precision=predictor.precision)
+    if result is None:
+        return None, None
+    return result.as_source(source), PrecomputedPredictor(predictor, result.keys, result.outputs)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

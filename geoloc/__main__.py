@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(STEPS[step][0])
     sys.argv = [f"geoloc {step}", *rest]
+    # the step's module is this process's program: a launcher that starts more processes of it (Lightning's DDP,
+    # trainer=ddp_cpu) runs `python -m <that module> key=value ...`
+    sys.modules["__main__"].__spec__ = module.__spec__
     if step == "report":
         return module.main(rest) or 0
     module.run()

@@ -241,10 +241,8 @@ class FeatureCache:
             ValueError: no photo of ``source`` could be used.
         """
         from geoloc.data.transforms import eval_transform
-        from geoloc.evidence.labels import HEADS, evidence_labels
 
         started = time.perf_counter()
-        fingerprint, settings = cache_settings(source, encoder, dtype=dtype)
         transform = eval_transform(encoder.data_config)
         skipped = SkipReport()
         keys, latlng, scene, feats, batch = [], [], [], [], []
@@ -260,11 +258,7 @@ class FeatureCache:
 
         def flush():
             if batch:
-                out = encoder(torch.stack(batch).to(device)).float().cpu()  # [B, D]
-                if out.ndim != 2:
-                    raise ValueError(f"{settings['backbone']}: gives features of shape {tuple(out.shape)}; a "
-                                     "feature cache needs pooled [B, D] features")
-                feats.append(out.numpy().astype(dtype))
+                feats.append(encoder(torch.stack(batch).to(device)).float().cpu().numpy())  # [B, D]
                 if bar is not None:
                     bar.update(len(batch))
                 batch.clear()
@@ -285,20 +279,48 @@ class FeatureCache:
             encoder.train(was_training).to(home)
             if bar is not None:
                 bar.close()
+        features = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+        return cls.from_embeddings(source, encoder, features, keys, latlng, scene, skipped, dtype=dtype,
+                                   seconds=time.perf_counter() - started)
+
+    @classmethod
+    def from_embeddings(cls, source, encoder: torch.nn.Module, features: np.ndarray, keys, latlng, scene,
+                        skipped: SkipReport, *, dtype: str = "float32", seconds: float = 0.0,
+                        **settings_extra) -> FeatureCache:
+        """A cache from features already computed by ``encoder`` over ``source``'s usable photos, in the
+        source's order (what :meth:`build` computes in one process, and an embedding pass over several:
+        :func:`geoloc.training.embedding.run_embedding_pass`).
+
+        Args:
+            features: ``(N, D)``; keys, latlng, scene: per photo (``scene``: the ``S3_Label`` column or None).
+            skipped: the photos that could not be used.
+            settings_extra: more settings recorded in the meta (how the pass ran); not part of the cache's name.
+
+        Raises:
+            ValueError: no feature, or features that are not pooled ``(N, D)``.
+        """
+        from geoloc.evidence.labels import HEADS, evidence_labels
+
+        fingerprint, settings = cache_settings(source, encoder, dtype=dtype)
         name = settings["dataset"]["name"]
-        if not feats:
+        features = np.asarray(features)
+        if len(features) == 0:
             raise ValueError(f"{settings['dataset']['source']}: no usable photo in {name} ({len(skipped)} skipped: "
                              f"{dict(skipped.counts)}); nothing to cache")
-        features = np.concatenate(feats)
+        if features.ndim != 2:
+            raise ValueError(f"{settings['backbone']}: gives features of shape {tuple(features.shape[1:])}; a "
+                             "feature cache needs pooled [B, D] features")
+        features = features.astype(dtype)
         keys = np.asarray(keys, dtype=str)
         latlng = np.asarray(latlng, np.float64)
+        scene = list(scene)
         table = evidence_labels(latlng, scene=scene if any(s is not None for s in scene) else None)
         labels = {head: table[head].to_numpy(np.int16) for head in HEADS}
         settings.update(n=len(features), dim=int(features.shape[1]), rows_hash=_rows_hash(keys, latlng),
                         synthetic=bool(getattr(source, "synthetic", False)),
                         notes=[str(n) for n in getattr(source, "notes", [])],
                         skipped=skipped.to_dict(max_items=len(skipped)),
-                        seconds=round(time.perf_counter() - started, 2))
+                        seconds=round(float(seconds), 2), **settings_extra)
         meta = ArtifactMeta(kind="features", format_version=FEATURES_FORMAT_VERSION, fingerprint=fingerprint,
                             settings=settings)
         return cls(features, keys, latlng, labels, meta)
@@ -407,8 +429,13 @@ class FeatureStore:
     def _folder(self, fingerprint: str, settings: dict) -> Path:
         return self.root / f"{_safe_name(settings['dataset']['name'])}-{cache_key(fingerprint, settings)}"
 
-    def get(self, source, encoder: torch.nn.Module) -> FeatureCache:
+    def get(self, source, encoder: torch.nn.Module, builder=None) -> FeatureCache | None:
         """The cache of ``source`` by ``encoder``: read when it exists and is valid, else built and saved.
+
+        Args:
+            builder: ``(source, encoder) -> FeatureCache`` that embeds (None: :meth:`FeatureCache.build` in this
+                process); a builder that returns None (a process of a multi-process pass other than the first)
+                makes this return None: that process saves nothing.
 
         Raises:
             ValueError: the cache there is damaged or stale (with ``rebuild=False``), or no photo is usable.
@@ -419,8 +446,13 @@ class FeatureStore:
             cache = FeatureCache.load(folder, fingerprint=fingerprint, settings=settings)
             cache.status = "reused"
             return cache
-        cache = FeatureCache.build(source, encoder, dtype=self.dtype, batch_size=self.batch_size, device=self.device,
-                                   progress=self.progress)
+        if builder is None:
+            cache = FeatureCache.build(source, encoder, dtype=self.dtype, batch_size=self.batch_size,
+                                       device=self.device, progress=self.progress)
+        else:
+            cache = builder(source, encoder)
+            if cache is None:
+                return None
         try:
             cache.save(folder, replace=self.rebuild)
         except FileExistsError:  # another process (a DDP rank) published the same cache meanwhile

@@ -44,12 +44,15 @@ class Item:
         latlng: ``(lat, lng)`` in degrees.
         image: upright RGB image, or None for a coordinates-only dataset.
         meta: the row's other columns.
+        index: the row's position in the source's reading order (what puts the items of a pass split over
+            several processes back in order); -1 when unknown.
     """
 
     key: str
     latlng: tuple[float, float]
     image: Image.Image | None
     meta: dict = field(default_factory=dict)
+    index: int = -1
 
 
 class ItemSource(Protocol):
@@ -60,7 +63,16 @@ class ItemSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def iter_items(self, skipped: SkipReport, *, exclude: set[str] | frozenset = frozenset()) -> Iterator[Item]: ...
+    def iter_items(self, skipped: SkipReport, *, exclude: set[str] | frozenset = frozenset(),
+                   part: tuple[int, int] = (0, 1)) -> Iterator[Item]: ...
+
+
+def check_part(part: tuple[int, int]) -> tuple[int, int]:
+    """``(i, n)``: the ``i``-th of ``n`` disjoint shares of a source (rows whose index is ``i`` modulo ``n``)."""
+    i, n = (int(v) for v in part)
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"part must be (i, n) with 0 <= i < n, got {tuple(part)}")
+    return i, n
 
 
 class GeoDataset:
@@ -109,21 +121,25 @@ class GeoDataset:
         return GeoDataset(self.table[np.asarray(mask, dtype=bool)], name=self.name, source=self.source,
                           synthetic=self.synthetic, notes=self.notes, max_pixels=self.max_pixels)
 
-    def iter_items(self, skipped: SkipReport, *, exclude: set[str] | frozenset = frozenset()) -> Iterator[Item]:
+    def iter_items(self, skipped: SkipReport, *, exclude: set[str] | frozenset = frozenset(),
+                   part: tuple[int, int] = (0, 1)) -> Iterator[Item]:
         """Yields the rows as items, decoding images; bad images are counted in ``skipped``.
 
         Args:
             skipped: collects the rows skipped and why.
             exclude: keys to pass over silently (already done in an earlier, resumed run).
+            part: ``(i, n)``: only the rows whose position is ``i`` modulo ``n`` (one process's share of a
+                pass over several; the others are not decoded).
         """
+        i, n = check_part(part)
         meta_cols = [c for c in self.table.columns if c not in CORE_COLUMNS]
         keys = self.table["key"].to_numpy()
         lat = self.table["lat"].to_numpy()
         lng = self.table["lng"].to_numpy()
         paths = self.table["path"].to_numpy()
         metas = self.table[meta_cols].to_dict("records") if meta_cols else [{}] * len(keys)
-        for key, la, ln, path, meta in zip(keys, lat, lng, paths, metas):
-            if key in exclude:
+        for row, (key, la, ln, path, meta) in enumerate(zip(keys, lat, lng, paths, metas)):
+            if row % n != i or key in exclude:
                 continue
             image = None
             if path is not None and path == path:
@@ -132,7 +148,7 @@ class GeoDataset:
                 except ImageError as e:
                     skipped.add(key, e.reason, e.detail)
                     continue
-            yield Item(str(key), (float(la), float(ln)), image, meta)
+            yield Item(str(key), (float(la), float(ln)), image, meta, index=row)
 
 
 def _read_csv(path: Path) -> pd.DataFrame:

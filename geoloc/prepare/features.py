@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from geoloc.cli import run_step
 from geoloc.data.features import FeatureCache
 
@@ -57,12 +59,38 @@ def main(cfg) -> dict[str, FeatureCache]:
     torch.manual_seed(int(cfg.seed))  # as train.py seeds before it builds the network, backbone first
     encoder = hydra.utils.instantiate(cfg.backbone)
     store = hydra.utils.instantiate(cfg.store)
+    builder = None if cfg.get("trainer") is None else _pass_builder(cfg, store)
     caches = {}
     for name, node in nodes.items():
         started = time.perf_counter()
-        caches[name] = store.get(hydra.utils.instantiate(node), encoder)
-        print(summary(name, caches[name], time.perf_counter() - started))
+        cache = store.get(hydra.utils.instantiate(node), encoder, builder=builder)
+        if cache is None:  # another process of the pass: the first one saves and reports
+            continue
+        caches[name] = cache
+        print(summary(name, cache, time.perf_counter() - started))
     return caches
+
+
+def _pass_builder(cfg, store):
+    """Embeds through Lightning's predict loop over ``cfg.trainer``'s processes (the first gets the cache)."""
+    from geoloc.data.transforms import eval_transform
+    from geoloc.training.embedding import pass_trainer, run_embedding_pass
+
+    def build(source, encoder):
+        started = time.perf_counter()
+        trainer = pass_trainer(cfg.trainer)
+        result = run_embedding_pass(source, eval_transform(encoder.data_config), lambda x: {"features": encoder(x)},
+                                    {"encoder": encoder}, trainer=trainer, work_dir=store.root,
+                                    batch_size=store.batch_size, num_workers=cfg.num_workers)
+        if result is None:
+            return None
+        features = result.outputs.get("features", np.zeros((0, 0), np.float32))
+        return FeatureCache.from_embeddings(source, encoder, features, result.keys, result.latlng,
+                                            [m.get("S3_Label") for m in result.meta], result.skipped,
+                                            dtype=store.dtype, seconds=time.perf_counter() - started,
+                                            processes=result.world_size)
+
+    return build
 
 
 def run():

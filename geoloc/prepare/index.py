@@ -15,6 +15,7 @@ from pathlib import Path
 from geoloc.cli import run_step
 from geoloc.data.images import SkipReport
 from geoloc.retrieval.index import RetrievalIndex, default_index_dir
+from geoloc.retrieval.table import normalize
 
 
 def summary(index: RetrievalIndex, skipped: SkipReport, out: Path, seconds: float) -> str:
@@ -44,11 +45,29 @@ def main(cfg) -> RetrievalIndex:
     model = load_checkpoint(cfg.ckpt, cells=cfg.cells, device=cfg.device)
     source = hydra.utils.instantiate(cfg.data.dataset)
     clustering = hydra.utils.instantiate(cfg.cluster)
-    index, skipped = RetrievalIndex.build(model.net, source, model.cells, eval_transform(model.data_config),
-                                          embedding=cfg.embedding, batch_size=cfg.batch_size, clustering=clustering,
-                                          device=cfg.device, precision=cfg.precision, progress=cfg.progress)
-    index.meta["ckpt"] = str(Path(cfg.ckpt).resolve())
     out = Path(cfg.out) if cfg.out else default_index_dir(cfg.ckpt)
+    if cfg.get("trainer") is None:  # in this process, without Lightning
+        index, skipped = RetrievalIndex.build(model.net, source, model.cells, eval_transform(model.data_config),
+                                              embedding=cfg.embedding, batch_size=cfg.batch_size,
+                                              clustering=clustering, device=cfg.device, precision=cfg.precision,
+                                              progress=cfg.progress)
+    else:  # Lightning's predict loop over the trainer's processes; the first one writes the index
+        from geoloc.precision import resolve_precision
+        from geoloc.training.embedding import pass_trainer, run_embedding_pass
+
+        net, embedding = model.net, cfg.embedding
+        trainer = pass_trainer(cfg.trainer)
+        result = run_embedding_pass(source, eval_transform(model.data_config), lambda x: {"emb": net(x)[embedding]},
+                                    {"net": net}, trainer=trainer, work_dir=out.parent,
+                                    batch_size=cfg.batch_size, num_workers=cfg.num_workers, precision=cfg.precision)
+        if result is None:
+            return None  # another process of the pass: the first writes the index
+        skipped = result.skipped
+        index = RetrievalIndex.from_references(
+            net, source, model.cells, result.latlng, normalize(result.outputs["emb"]) if len(result) else None,
+            result.keys, skipped, embedding=embedding, clustering=clustering,
+            precision=resolve_precision(cfg.precision, trainer.strategy.root_device), processes=result.world_size)
+    index.meta["ckpt"] = str(Path(cfg.ckpt).resolve())
     index.save(out)
     print(summary(index, skipped, out, time.perf_counter() - started))
     return index

@@ -381,6 +381,8 @@ class RetrievalIndex:
         Returns:
             ``(index, skipped)``: photos that cannot be decoded are skipped and counted, not fatal.
         """
+        from geoloc.precision import resolve_precision
+
         clustering = clustering or Clustering()
         name = getattr(source, "name", type(source).__name__)
         skipped = SkipReport()
@@ -411,18 +413,35 @@ class RetrievalIndex:
         flush()
         if bar is not None:
             bar.close()
-        if not latlng:
+        index = cls.from_references(net, source, cells, latlng, np.concatenate(embs) if embs else None, keys, skipped,
+                                    embedding=embedding, clustering=clustering,
+                                    precision=resolve_precision(precision, device))
+        return index, skipped
+
+    @classmethod
+    def from_references(cls, net, source, cells: Geocells, latlng, emb: np.ndarray | None, keys, skipped: SkipReport, *,
+                        embedding: str = "features", clustering: Clustering | None = None, precision: str = "32",
+                        **meta_extra) -> RetrievalIndex:
+        """The index of reference photos already embedded by ``net`` (L2-normalized, in the source's order):
+        what :meth:`build` computes in one process, and an embedding pass over several
+        (:func:`geoloc.training.embedding.run_embedding_pass`).
+
+        Args:
+            meta_extra: more entries for the index's meta (how the pass ran).
+
+        Raises:
+            ValueError: no reference photo.
+        """
+        name = getattr(source, "name", type(source).__name__)
+        if emb is None or not len(latlng):
             raise ValueError(f"{name}: no readable reference photo ({len(skipped)} skipped: {dict(skipped.counts)})")
         latlng = np.asarray(latlng, np.float64)
-        from geoloc.precision import resolve_precision
-
         meta = {"embedding": embedding, "fingerprint": encoder_fingerprint(net), "n_cells": len(cells),
-                "precision": resolve_precision(precision, device),
+                "precision": precision,
                 "cells": str(cells.source), "source": str(getattr(source, "source", name)), "dataset": name,
-                "notes": list(getattr(source, "notes", [])), "skipped": skipped.to_dict(max_items=20)}
-        index = cls.from_embeddings(latlng, np.concatenate(embs), cells.assign(latlng), keys=np.asarray(keys),
-                                    clustering=clustering, meta=meta)
-        return index, skipped
+                "notes": list(getattr(source, "notes", [])), "skipped": skipped.to_dict(max_items=20), **meta_extra}
+        return cls.from_embeddings(latlng, np.asarray(emb, np.float32), cells.assign(latlng), keys=np.asarray(keys),
+                                   clustering=clustering or Clustering(), meta=meta)
 
     # -- files -----------------------------------------------------------------------------------------
     def artifact_meta(self) -> ArtifactMeta:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import tarfile
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from geoloc.artifacts import Journal
 from geoloc.data.images import DEFAULT_MAX_PIXELS, ImageError, SkipReport, decode_image
-from geoloc.data.readers import Item
+from geoloc.data.readers import Item, check_part
 from geoloc.data.shards.writer import _SHARD_NAME, _shard_files, safe_key
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -251,6 +252,14 @@ def parse_record(data: bytes | None, where: str) -> dict:
             "labels": labels}
 
 
+def _peek_key(data: bytes | None) -> str | None:
+    """A sample record's key without checking the rest (None when there is none to read)."""
+    try:
+        return str(json.loads(data)["key"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _parse_record(data: bytes | None, where: str) -> tuple[str, tuple[float, float], dict]:
     """Key, ``(lat, lng)`` and metadata of a sample's json (:func:`parse_record` without the labels)."""
     rec = parse_record(data, where)
@@ -374,7 +383,8 @@ class ShardDataset:
         """Samples in the shards, plus the writer's skipped photos when those are replayed."""
         return self._n_samples + len(self._write_skips())
 
-    def iter_items(self, skipped: SkipReport, *, exclude: set[str] | frozenset = frozenset()) -> Iterator[Item]:
+    def iter_items(self, skipped: SkipReport, *, exclude: set[str] | frozenset = frozenset(),
+                   part: tuple[int, int] = (0, 1)) -> Iterator[Item]:
         """Yields the stored photos; unreadable samples are counted in ``skipped``, never fatal.
 
         Args:
@@ -383,22 +393,35 @@ class ShardDataset:
                 ``corrupt_shard`` for samples a damaged shard lost) and, with ``replay_skipped``, the
                 photos the writer skipped.
             exclude: image ids to pass over silently (done in an earlier, resumed run).
+            part: ``(i, n)``: only the samples whose position in the reading order is ``i`` modulo ``n`` (one
+                process's share of a pass over several; the others are not decoded). The first part also
+                reports the writer's skipped photos and the samples damaged shards lost, so the parts together
+                report each once.
 
         Raises:
             ValueError: an image id is in two shards or twice in one (before anything is yielded).
         """
+        i, n = check_part(part)
         self._check_ids_unique()
-        for key, reason, detail in self._write_skips():
-            if key not in exclude:
-                skipped.add(key, reason, f"when sharding: {detail}")
+        if i == 0:
+            for key, reason, detail in self._write_skips():
+                if key not in exclude:
+                    skipped.add(key, reason, f"when sharding: {detail}")
+        position = itertools.count()
         for path in self._layout.paths:
-            yield from self._iter_shard(path, skipped, exclude)
+            yield from self._iter_shard(path, skipped, exclude, position, (i, n))
 
-    def _iter_shard(self, path: Path, skipped: SkipReport, exclude) -> Iterator[Item]:
+    def _iter_shard(self, path: Path, skipped: SkipReport, exclude, position, part) -> Iterator[Item]:
         errors: list[str] = []
         seen: list[str] = []
+        i, n = part
         for wkey, group in _tar_groups(path, errors):
             where = f"{path}/{wkey}"
+            row = next(position)
+            if row % n != i:  # another process's sample: only its key is noted (for the lost count)
+                rec = _peek_key(group.get("json"))
+                seen.append(rec if rec is not None else where)
+                continue
             try:
                 rec = parse_record(group.get("json"), where)
             except ValueError as e:
@@ -421,8 +444,9 @@ class ShardDataset:
                 except ImageError as e:
                     skipped.add(key, e.reason, f"{where}.jpg: {e.detail}")
                     continue
-            yield Item(key, latlng, image, meta)
-        self._count_lost(path, seen, errors, skipped, exclude)
+            yield Item(key, latlng, image, meta, index=row)
+        if i == 0:
+            self._count_lost(path, seen, errors, skipped, exclude)
 
     def _count_lost(self, path: Path, seen: list[str], errors: list[str], skipped: SkipReport, exclude) -> None:
         """Counts the samples a damaged shard did not yield (known from the manifest), by key if possible."""
