@@ -57,7 +57,7 @@ def _network_pass(cfg: DictConfig, source, predictor):
         raise ValueError(f"trainer= spreads a network's forward pass; predictor {predictor.name!r} has none (run it "
                          "without a trainer)")
     result = run_embedding_pass(source, predictor.transform, predictor._forward, {"net": predictor.net},
-                                trainer=pass_trainer(cfg.trainer), work_dir=Path(cfg.output_dir),
+                                trainer=pass_trainer(cfg.trainer, progress=cfg.progress), work_dir=Path(cfg.output_dir),
                                 batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                 precision=predictor.precision)
     if result is None:

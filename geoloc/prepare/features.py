@@ -78,7 +78,7 @@ def _pass_builder(cfg, store):
 
     def build(source, encoder):
         started = time.perf_counter()
-        trainer = pass_trainer(cfg.trainer)
+        trainer = pass_trainer(cfg.trainer, progress=store.progress)
         result = run_embedding_pass(source, eval_transform(encoder.data_config), lambda x: {"features": encoder(x)},
                                     {"encoder": encoder}, trainer=trainer, work_dir=store.root,
                                     batch_size=store.batch_size, num_workers=cfg.num_workers)

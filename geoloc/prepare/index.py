@@ -56,7 +56,7 @@ def main(cfg) -> RetrievalIndex:
         from geoloc.training.embedding import pass_trainer, run_embedding_pass
 
         net, embedding = model.net, cfg.embedding
-        trainer = pass_trainer(cfg.trainer)
+        trainer = pass_trainer(cfg.trainer, progress=cfg.progress)
         result = run_embedding_pass(source, eval_transform(model.data_config), lambda x: {"emb": net(x)[embedding]},
                                     {"net": net}, trainer=trainer, work_dir=out.parent,
                                     batch_size=cfg.batch_size, num_workers=cfg.num_workers, precision=cfg.precision)

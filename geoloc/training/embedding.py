@@ -278,13 +278,14 @@ def run_embedding_pass(source, transform: Callable, forward: Callable, modules: 
     return writer.result if trainer.global_rank == 0 else None
 
 
-def pass_trainer(node) -> pl.Trainer:
+def pass_trainer(node, *, progress: bool = False) -> pl.Trainer:
     """A ``pl.Trainer`` for an embedding pass from a ``trainer`` config node (``conf/trainer``): its devices,
-    nodes, strategy and accelerator; no logger, checkpoints or model summary (a pass writes only its artifact)."""
+    nodes, strategy, accelerator and precision; no logger, checkpoints or model summary (a pass writes only
+    its artifact); a progress bar only with ``progress``."""
     import hydra
 
     from geoloc.precision import lightning_precision
 
+    precision = lightning_precision(node.get("precision", "32-true"), node.get("accelerator", "cpu"))
     return hydra.utils.instantiate(node, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                                   callbacks=[], precision=lightning_precision(node.get("precision", "32-true"),
-                                                                               node.get("accelerator", "cpu")))
+                                   callbacks=[], enable_progress_bar=bool(progress), precision=precision)
