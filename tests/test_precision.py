@@ -150,3 +150,20 @@ def test_fitting_in_bf16_trains_explicit_attention_and_gives_back_fused_layers(t
     assert AttentionProbe.seen and all(not any(s) for s in AttentionProbe.seen)  # every step: explicit
     net = out["objects"]["model"]
     assert all(m.fused_attn for m in net.modules() if hasattr(m, "fused_attn"))
+
+
+def test_compiled_bf16_prediction_runs_a_frozen_bfloat16_copy_and_answers_as_eager_bf16(tiny_run):
+    """compile=true with bf16 on a CPU compiles a bfloat16 copy of the network (weights frozen), leaving the
+    predictor's network in float32; its outputs are float32 and agree with eager bf16 autocast."""
+    from geoloc.data.images import SkipReport
+    from geoloc.data.readers import read_sample
+    from geoloc.inference.predictor import build_predictor
+
+    images = [it.image for it in read_sample(tiny_run["sample"], split="test", n_images=240).iter_items(SkipReport())]
+    eager = build_predictor(str(tiny_run["ckpt"]), precision="bf16")
+    compiled = build_predictor(str(tiny_run["ckpt"]), precision="bf16", compile=True)
+    assert next(compiled.net.parameters()).dtype == torch.float32
+    a, b = eager.forward(images), compiled.forward(images)
+    assert all(b[k].dtype == np.float32 for k in b)
+    assert (a["cell_prob"].argmax(1) == b["cell_prob"].argmax(1)).mean() >= 0.9
+    assert np.abs(a["cell_prob"] - b["cell_prob"]).max() < 0.05

@@ -65,6 +65,34 @@ def refine_name(names: Sequence[str]) -> str:
     return "+".join(names)
 
 
+def compiled_forward(net, precision: str, device: str) -> Callable:
+    """``net``'s forward through ``torch.compile``.
+
+    In bf16 on a CPU it compiles a bfloat16 copy of the network with Inductor's freezing (the weights become
+    constants, prepacked once for oneDNN's AMX kernels), which autocast cannot do: it converts the weights on
+    every call and keeps its float32 casts (layer norms, softmax) in the graph. Inputs are cast to bfloat16;
+    the outputs are bfloat16 for the caller to cast back (:meth:`ModelPredictor._outputs`). Elsewhere: the
+    network itself, compiled.
+    """
+    import torch
+
+    if precision == "bf16" and torch.device(device).type == "cpu":
+        low = copy.deepcopy(net).to(torch.bfloat16).eval()
+        for p in low.parameters():
+            p.requires_grad_(False)
+        compiled = torch.compile(low)
+        from torch._inductor import config as inductor
+
+        def forward(x):
+            # freezing for this graph only (it compiles on the first call); the copy is bfloat16 through, and
+            # autocast would add its casts to the graph
+            with torch.autocast("cpu", enabled=False), inductor.patch(freezing=True):
+                return compiled(x.to(torch.bfloat16))
+
+        return forward
+    return torch.compile(net)
+
+
 class ModelPredictor:
     """A trained geolocator whose top cells are reranked by scorers.
 
@@ -127,12 +155,7 @@ class ModelPredictor:
         self.device = device or str(next(model.net.parameters()).device)
         self.precision = resolve_precision(precision, self.device)
         self.compiled = bool(compile)
-        if compile:
-            import torch
-
-            self._forward = torch.compile(model.net)
-        else:
-            self._forward = model.net
+        self._forward = compiled_forward(model.net, self.precision, self.device) if compile else model.net
         self.explain = bool(explain)
         self._ocr = ocr if ocr not in (None, False) else None
         self.refine = refine_name(names)
