@@ -5,7 +5,8 @@
 The model: the smoothing recipe of bench_study.py's rotation 4 (frozen EfficientNet-Lite2 + trained heads; run
 the study first), on all 1,821 Im2GPS3k dev photos, predicted end to end from the photos by
 :class:`~geoloc.inference.predictor.ModelPredictor` with ``precision=32`` and ``precision=bf16``. Reported:
-top-1 cell agreement, the largest cell-probability difference, the GeoScore of each (and its relative
+top-1 cell agreement, the largest cell-probability difference, where the drift comes from (layers kept in
+float32, oneDNN's implicit bf16 with float32 activations, on every 7th photo), the GeoScore of each (and its relative
 difference), the reasoning chains' claims (same claims; the largest probability difference in percentage
 points), the exported bf16 model against the eager bf16 predictor, and the time of each.
 Targets: >= 99% same top-1 cell, GeoScore within 1%, claims within 1 point. Writes bench/results/precision.json.
@@ -34,6 +35,57 @@ from bench_study import SHARED, TAU  # noqa: E402
 def _claims(chain: dict) -> dict:
     """``{(stage, head, source, value): probability}`` of a chain's claims."""
     return {(c["stage"], c["head"], c["source"], json.dumps(c["value"])): c["probability"] for c in chain["claims"]}
+
+
+def _drift(net, x: torch.Tensor, batch: int) -> dict:
+    """Where bf16's drift comes from, on the preprocessed photos ``x``: the relative feature error and top-1 cell
+    agreement of bf16 autocast with each group of layers kept in float32, and of oneDNN's implicit bf16 (float32
+    activations, bf16 inside convolutions and matmuls), with their times."""
+    from torch import nn
+
+    def run(bf16: bool) -> tuple[dict, float]:
+        t, outs = time.perf_counter(), []
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for s in range(0, len(x), batch):
+                outs.append({k: v.float() for k, v in net(x[s:s + batch]).items()})
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}, time.perf_counter() - t
+
+    def row(o: dict, seconds: float) -> dict:
+        rel = (o["features"] - ref["features"]).norm() / ref["features"].norm()
+        same = (o["cell_logits"].argmax(1) == ref["cell_logits"].argmax(1)).float().mean()
+        return {"feature_rel_diff": round(float(rel), 4), "top1_cell_agreement": round(float(same), 4),
+                "s": round(seconds, 2)}
+
+    def in_fp32(keep):  # these modules run outside autocast, on float32 inputs
+        saved = []
+        for name, m in net.named_modules():
+            if keep(name, m):
+                def forward(*a, _f=m.forward, **k):
+                    with torch.autocast("cpu", enabled=False):
+                        return _f(*[t.float() if torch.is_tensor(t) else t for t in a], **k)
+                saved.append((m, m.forward))
+                m.forward = forward
+        return saved
+
+    ref, t32 = run(False)
+    rows = {"fp32": {"s": round(t32, 2)}, "bf16 autocast": row(*run(True))}
+    groups = {"stem conv": lambda n, m: n.endswith("conv_stem"),
+              "depthwise convs": lambda n, m: isinstance(m, nn.Conv2d) and m.groups > 1,
+              "last conv (conv_head)": lambda n, m: n.endswith("conv_head"),
+              "cell, evidence and projection heads": lambda n, m: n.startswith(("cell_head", "evidence", "image_proj"))}
+    for tag, keep in groups.items():
+        saved = in_fp32(keep)
+        rows[f"bf16 autocast, {tag} in fp32"] = row(*run(True))
+        for m, f in saved:
+            m.forward = f
+    mk = torch.backends.mkldnn
+    before = mk.conv.fp32_precision, mk.matmul.fp32_precision
+    try:
+        mk.conv.fp32_precision = mk.matmul.fp32_precision = "bf16"
+        rows["oneDNN implicit bf16 (fp32 activations)"] = row(*run(False))
+    finally:
+        mk.conv.fp32_precision, mk.matmul.fp32_precision = before
+    return {"photos": len(x), "rows": rows}
 
 
 def main() -> None:
@@ -83,6 +135,11 @@ def main() -> None:
         with torch.no_grad():
             exp = np.concatenate([module(torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None])["cell_prob"].numpy()
                                   for im in images[:n]])
+    from geoloc.data.transforms import eval_transform
+
+    net = eager_bf16.net.eval()
+    drift = _drift(net, torch.stack([eval_transform(eager_bf16.model.data_config)(im) for im in images[::7][:256]]),
+                   args.batch)
     result = {
         "model": f"{ckpt} (EfficientNet-Lite2 frozen + heads, refine=evidence, decode={args.decode})",
         "photos": len(images),
@@ -97,6 +154,7 @@ def main() -> None:
         "exported_bf16_vs_eager_bf16": {
             "photos": n, "max_abs_cell_prob_diff": float(np.abs(exp - b["cell_prob"][:n]).max()),
             "top1_agreement": float((exp.argmax(1) == b["cell_prob"][:n].argmax(1)).mean())},
+        "drift_by_layers": drift,
         "forward_s": {k: round(v, 1) for k, v in times.items()},
         "bf16_speedup": round(times["32"] / times["bf16"], 2),
         "targets": {"top1_cell_agreement": 0.99, "geoscore_rel_diff": 0.01, "max_claim_prob_diff_points": 1.0},
