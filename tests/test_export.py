@@ -136,6 +136,8 @@ def test_the_exported_model_equals_the_predictor_with_non_default_weights(tiny_e
     assert np.array_equal(ref.topk_cells, ts["topk_cells"].numpy())
     assert np.abs(ref.topk_prob - ts["topk_prob"].numpy()).max() < 1e-5
     assert np.abs(ref.latlng - ts["latlng"].numpy()).max() < 1e-4
+    assert np.array_equal(ref.answer_cell, ts["answer_cell"].numpy())  # the cell whose point is the answer
+    assert np.abs(ref.answer_prob - ts["answer_prob"].numpy()).max() < 1e-5
     assert np.abs(ref.cell_prob - ts["cell_prob"].numpy()).max() < 1e-5
     assert np.allclose(ts["cell_prob"], (ts["cell_logits"] / 1.7).softmax(-1), atol=1e-6)  # calibrated
     if refine not in ("none", "evidence"):  # answers placed inside the cell, not its centroid

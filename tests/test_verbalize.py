@@ -75,6 +75,31 @@ def test_every_claim_is_a_model_output_with_its_probability(tiny_evidence_run, r
                                                           / counts.sum())
 
 
+def test_an_answer_chosen_for_the_metric_is_named_as_the_cell_whose_point_it_is(tiny_evidence_run):
+    """With decode=geoscore the answer may be another candidate's point than the top cell's: the chain names that
+    cell and its probability (never "inside that cell" of the top one), and verify_chain holds it to them."""
+    pred = build_predictor(str(tiny_evidence_run["ckpt"]), explain=True, topk=3, decode="geoscore", candidates=100)
+    images, keys = _photos(tiny_evidence_run, 24)
+    out = pred.forward(images)
+    res = pred.predict(images, keys)
+    owners = pred.cells.centroids[res.answer_cell]
+    np.testing.assert_allclose(owners, res.latlng, atol=1e-9)  # no placing scorer: the answer is a centroid
+    other = np.flatnonzero(res.answer_cell != res.topk_cells[:, 0])
+    assert len(other), "no photo answered outside its top cell; the test needs one"
+    for i in range(len(keys)):
+        chain = res.explanations[i]
+        coord = next(c for c in chain["claims"] if c["source"] == "geocells:coordinate")
+        assert coord["cell"] == res.answer_cell[i] and coord["probability"] == pytest.approx(res.answer_prob[i])
+        region = chain["stages"][-1]["text"]
+        if i in other:
+            assert f"the point of cell {res.answer_cell[i]} (" in region and "inside that cell" not in region
+        assert verify_chain(chain, out, i, res, pred.cells) == []
+    i = int(other[0])
+    bad = res.explanations[i]
+    next(c for c in bad["claims"] if c["source"] == "geocells:coordinate")["cell"] = int(res.topk_cells[i, 0])
+    assert any("answer's cell" in p for p in verify_chain(bad, out, i, res, pred.cells))
+
+
 def test_verify_chain_catches_a_misstated_claim(tiny_evidence_run):
     pred = build_predictor(str(tiny_evidence_run["ckpt"]), explain=True, topk=2)
     images, keys = _photos(tiny_evidence_run, 2)

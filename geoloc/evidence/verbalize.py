@@ -107,8 +107,11 @@ def _claim_sentence(c: dict) -> str:
         what = c["source"].split(":", 1)[1]
         if what == "coordinate":
             lat, lng = value
-            return (f"coordinate {abs(lat):.3f}°{'N' if lat >= 0 else 'S'}, {abs(lng):.3f}°{'E' if lng >= 0 else 'W'}"
-                    f" inside that cell ({_fmt_prob(c['probability'])})")
+            where = f"coordinate {abs(lat):.3f}°{'N' if lat >= 0 else 'S'}, {abs(lng):.3f}°{'E' if lng >= 0 else 'W'}"
+            if c.get("top_cell", True):
+                return f"{where} inside that cell ({_fmt_prob(c['probability'])})"
+            return (f"answer {where}, the point of cell {c['cell']} ({c.get('cell_name', '?')}, "
+                    f"{_fmt_prob(c['probability'])}), the candidate with the best expected score")
         what = {"admin1": "admin-1 region"}.get(what, what)
         return f"{what} {value} ({_fmt_prob(c['probability'])}, summed over its geocells)"
     if head == "ocr":
@@ -170,8 +173,10 @@ def explain(out: dict, pred, cells, *, ocr: list[dict | None] | None = None, ref
             claims.append(_claim("region", "geocells", str(value[i]), p[i], f"geocells:{lvl}"))
         top = [int(c) for c in pred.topk_cells[i]]
         claims.append(_claim("region", "geocells", top[0], pred.topk_prob[i][0], f"geocells:cell ({refine})"))
-        claims.append(_claim("region", "geocells", [float(v) for v in pred.latlng[i]], pred.topk_prob[i][0],
-                             "geocells:coordinate"))
+        answer = top[0] if pred.answer_cell is None else int(pred.answer_cell[i])
+        p_answer = pred.topk_prob[i][0] if pred.answer_prob is None else pred.answer_prob[i]
+        claims.append({**_claim("region", "geocells", [float(v) for v in pred.latlng[i]], p_answer,
+                                "geocells:coordinate"), "cell": answer, "top_cell": answer == top[0]})
         checks = []
         for rank, cell in enumerate(top, 1):
             for c in claims:
@@ -194,6 +199,9 @@ def _cell_name(table, cell: int) -> str:
 
 
 def _assemble(claims: list[dict], checks: list[dict], top: list[int], top_prob, table) -> dict:
+    for c in claims:
+        if "cell" in c:
+            c["cell_name"] = _cell_name(table, c["cell"])
     stages = []
     for stage in STAGES:
         idx = [k for k, c in enumerate(claims) if c["stage"] == stage]
@@ -261,6 +269,10 @@ def verify_chain(chain: dict, out: dict, i: int, pred, cells, *, atol: float = 1
         elif src == "geocells:coordinate":
             if not np.allclose(c["value"], pred.latlng[i], atol=1e-9):
                 problems.append(f"photo {i}: coordinate claim differs from the predictor's answer")
+            answer = int(pred.topk_cells[i, 0]) if pred.answer_cell is None else int(pred.answer_cell[i])
+            p = pred.topk_prob[i, 0] if pred.answer_prob is None else pred.answer_prob[i]
+            if c.get("cell", answer) != answer or abs(c["probability"] - p) > atol:
+                problems.append(f"photo {i}: the answer's cell or its probability differs from the predictor's")
         elif src != "ocr":
             problems.append(f"photo {i}: claim from unknown source {src!r}")
     stated = {round(100 * c["probability"]) for c in chain["claims"]} | {

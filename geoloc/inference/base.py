@@ -24,6 +24,9 @@ class Prediction:
         cell_prob_uncalibrated: optional ``(B, C)`` float32 the classifier's probabilities before its
             calibration temperature (:mod:`geoloc.inference.calibration`), so that reports can show the
             calibration's effect; None when the predictor is not calibrated (``cell_prob`` is both then).
+        answer_cell: optional ``(B,)`` int64 the geocell whose point ``latlng`` is (the top cell with the argmax
+            answer; the candidate chosen by expected score with another ``decode``), and ``answer_prob (B,)``
+            its reranked probability: what a reasoning chain says of the answer.
     """
 
     latlng: np.ndarray
@@ -33,6 +36,8 @@ class Prediction:
     cell_prob: np.ndarray | None = None
     explanations: list[dict] | None = None
     cell_prob_uncalibrated: np.ndarray | None = None
+    answer_cell: np.ndarray | None = None
+    answer_prob: np.ndarray | None = None
 
 
 class Predictor(Protocol):

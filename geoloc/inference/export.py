@@ -173,8 +173,10 @@ class ExportedGeolocator(nn.Module):
             terms.append(s(outputs, cand))
         post, order = rerank(p_cand, terms, self.weights, self.cell_weight)
         cand = cand.gather(1, order)
+        rows = torch.arange(cand.shape[0], device=cand.device)
         if self.decode_kind == "argmax":
             latlng = self.place(outputs, cand[:, 0], False)
+            pick = torch.zeros_like(rows)
         else:
             b, k = cand.shape[0], cand.shape[1]
             repeated: dict[str, torch.Tensor] = {}  # row i * k + j: photo i, for its candidate j
@@ -183,8 +185,9 @@ class ExportedGeolocator(nn.Module):
                     repeated[key] = value.repeat_interleave(k, dim=0)
             points = self.place(repeated, cand.reshape(-1), True).reshape(b, k, 2)
             pick = choose_answer(points, post, self.decode_kind, self.decode_radius_km)
-            latlng = points[torch.arange(b, device=points.device), pick]
-        out = {"latlng": latlng, "topk_cells": cand[:, :self.topk], "topk_prob": post[:, :self.topk],
+            latlng = points[rows, pick]
+        out = {"latlng": latlng, "answer_cell": cand[rows, pick], "answer_prob": post[rows, pick],
+               "topk_cells": cand[:, :self.topk], "topk_prob": post[:, :self.topk],
                "cell_prob": prob, "cell_logits": logits, "embedding": emb}
         for key, value in outputs.items():
             if key.startswith("evidence/"):
@@ -248,7 +251,9 @@ def exported_from_predictor(predictor) -> "tuple[ExportedGeolocator, dict]":
         "backbone": model.net.image_encoder.name, "num_cells": len(model.cells), "topk": module.topk,
         "cells_fingerprint": model.cells.fingerprint(),
         "input": "uint8 tensor (B, 3, H, W), RGB, any H and W",
-        "outputs": {"latlng": "(B, 2) float32 [lat, lng] degrees", "topk_cells": "(B, k) int64 geocell ids",
+        "outputs": {"latlng": "(B, 2) float32 [lat, lng] degrees",
+                    "answer_cell": "(B,) int64 the geocell whose point is the answer (the top cell with argmax)",
+                    "answer_prob": "(B,) float32 its reranked probability", "topk_cells": "(B, k) int64 geocell ids",
                     "topk_prob": "(B, k) float32", "cell_prob": "(B, C) float32, calibrated",
                     "cell_logits": "(B, C) float32, the cell head's logits before calibration",
                     "embedding": "(B, D) float32, L2-normalized"},

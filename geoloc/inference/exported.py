@@ -175,7 +175,9 @@ class ExportedPredictor:
         if self.temperature != 1.0 and "cell_logits" in out:
             raw = torch.from_numpy(out["cell_logits"].astype(np.float32)).softmax(-1).numpy()
         pred = Prediction(out["latlng"].astype(np.float64), self.cells.centroids[cells], prob, cells,
-                          out["cell_prob"].astype(np.float32), cell_prob_uncalibrated=raw)
+                          out["cell_prob"].astype(np.float32), cell_prob_uncalibrated=raw,
+                          answer_cell=out["answer_cell"].astype(np.int64) if "answer_cell" in out else None,
+                          answer_prob=out["answer_prob"].astype(np.float64) if "answer_prob" in out else None)
         if self.explain:
             from geoloc.evidence.verbalize import explain
 

@@ -310,6 +310,8 @@ class ModelPredictor:
         terms = [s.log_term(out, cand) for s in self.scorers]
         post, order = rerank(p_cand, terms, [self.weights[s.name] for s in self.scorers], self.weights["cells"])
         cand = cand.gather(1, order).numpy()
+        rows = np.arange(len(cand))
+        pick = np.zeros(len(cand), np.int64)
         if self.decode_kind == "argmax":
             latlng = self._place(out, cand[:, 0], restricted_only=False)
         else:
@@ -318,13 +320,15 @@ class ModelPredictor:
             # chosen on float32 points, as the exported model does, so that the two break near-ties alike
             pick = choose_answer(torch.from_numpy(points.astype(np.float32)), post, self.decode_kind,
                                  self.decode_radius_km).numpy()
-            latlng = points[np.arange(b), pick]
+            latlng = points[rows, pick]
         t = min(self.topk, cand.shape[1])
         raw = None
         if self.calibration is not None and "cell_logits" in out:
             raw = torch.from_numpy(np.asarray(out["cell_logits"], np.float32)).softmax(-1).numpy()
-        return Prediction(latlng, self.centroids[cand[:, :t]], post[:, :t].numpy().astype(np.float64),
-                          cand[:, :t].astype(np.int64), prob, cell_prob_uncalibrated=raw)
+        post = post.numpy().astype(np.float64)
+        return Prediction(latlng, self.centroids[cand[:, :t]], post[:, :t], cand[:, :t].astype(np.int64), prob,
+                          cell_prob_uncalibrated=raw, answer_cell=cand[rows, pick].astype(np.int64),
+                          answer_prob=post[rows, pick])
 
     def _place(self, out, cells: np.ndarray, *, restricted_only: bool) -> np.ndarray:
         """``(N, 2)`` the answer point inside each of ``cells (N,)``: the first placing scorer's, else the centroid.
