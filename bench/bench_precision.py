@@ -9,7 +9,9 @@ top-1 cell agreement, the largest cell-probability difference, where the drift c
 float32, oneDNN's implicit bf16 with float32 activations, on every 7th photo), the GeoScore of each (and its relative
 difference), the reasoning chains' claims (same claims; the largest probability difference in percentage
 points), the exported bf16 model against the eager bf16 predictor, and the time of each.
-Targets: >= 99% same top-1 cell, GeoScore within 1%, claims within 1 point. Writes bench/results/precision.json.
+The same comparison for a trained ViT (``--vit``, default make demo's checkpoint, trained on the synthetic sample:
+its agreement is a property of the arithmetic, its GeoScore on real photos no accuracy). Targets: >= 99% same
+top-1 cell, GeoScore within 1%, claims within 1 point. Writes bench/results/precision.json.
 """
 
 from __future__ import annotations
@@ -88,38 +90,23 @@ def _drift(net, x: torch.Tensor, batch: int) -> dict:
     return {"photos": len(x), "rows": rows}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--study", default=str(REPO / "outputs" / "study"))
-    parser.add_argument("--decode", default="geoscore")
-    parser.add_argument("--batch", type=int, default=64)
-    args = parser.parse_args()
-    from geoloc.data.images import SkipReport
-    from geoloc.data.readers import read_im2gps
+def _compare(ckpt: Path, images, true, *, decode: str, candidates: int, batch: int) -> tuple[dict, object]:
+    """fp32 against bf16 autocast for one trained model, end to end from the photos: the agreement figures and
+    the eager bf16 predictor."""
     from geoloc.evaluation.metrics import geoscore
     from geoloc.geo import haversine_km
-    from geoloc.inference.export import export
     from geoloc.inference.predictor import build_predictor
 
-    study = json.loads((HERE / "results" / "study.json").read_text())
-    tau = study["choices"]["r4/smooth"]["setting"][TAU]
-    ckpt = Path(args.study) / "runs" / "r4" / f"smooth_tau_km{tau:g}" / "checkpoints" / "best.ckpt"
-    if not ckpt.is_file():
-        sys.exit(f"{ckpt}: missing; run bench/bench_study.py --out {args.study} first")
-    items = list(read_im2gps(SHARED / "im2gps3k-dev").iter_items(SkipReport()))
-    images, true = [it.image for it in items], np.asarray([it.latlng for it in items])
     out, times, preds, chains = {}, {}, {}, {}
     for precision in ("32", "bf16"):
-        p = build_predictor(str(ckpt), refine="evidence", decode=args.decode, candidates=50, batch_size=args.batch,
+        p = build_predictor(str(ckpt), refine="evidence", decode=decode, candidates=candidates, batch_size=batch,
                             precision=precision, explain=True)
-        p.forward(images[:args.batch])  # warm-up
+        p.forward(images[:batch])  # warm-up
         t = time.perf_counter()
         out[precision] = p.forward(images)
         times[precision] = time.perf_counter() - t
         preds[precision] = p.refine_batch(out[precision])
         chains[precision] = p.explain_batch(out[precision], preds[precision])
-        if precision == "bf16":
-            eager_bf16 = p
     a, b = out["32"], out["bf16"]
     gs = {k: float(geoscore(haversine_km(preds[k].latlng, true)).mean()) for k in preds}
     claim_diff, claims_same = 0.0, 0
@@ -127,21 +114,7 @@ def main() -> None:
         x, y = _claims(ca), _claims(cb)
         claims_same += x.keys() == y.keys()
         claim_diff = max([claim_diff, *(abs(x[k] - y[k]) for k in x.keys() & y.keys())])
-    # the exported bf16 model against the eager bf16 predictor, on the first photos
-    with tempfile.TemporaryDirectory() as tmp:
-        path, _ = export(eager_bf16, Path(tmp) / "model_bf16.pt")
-        module = torch.jit.load(str(path))
-        n = 64
-        with torch.no_grad():
-            exp = np.concatenate([module(torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None])["cell_prob"].numpy()
-                                  for im in images[:n]])
-    from geoloc.data.transforms import eval_transform
-
-    net = eager_bf16.net.eval()
-    drift = _drift(net, torch.stack([eval_transform(eager_bf16.model.data_config)(im) for im in images[::7][:256]]),
-                   args.batch)
-    result = {
-        "model": f"{ckpt} (EfficientNet-Lite2 frozen + heads, refine=evidence, decode={args.decode})",
+    figures = {
         "photos": len(images),
         "top1_cell_agreement": round(float((a["cell_prob"].argmax(1) == b["cell_prob"].argmax(1)).mean()), 4),
         "max_abs_cell_prob_diff": float(np.abs(a["cell_prob"] - b["cell_prob"]).max()),
@@ -151,15 +124,60 @@ def main() -> None:
         "answers_within_1km": round(float((haversine_km(preds["32"].latlng, preds["bf16"].latlng) <= 1).mean()), 4),
         "chains_with_the_same_claims": round(claims_same / len(chains["32"]), 4),
         "max_claim_prob_diff_points": round(100 * claim_diff, 2),
+        "forward_s": {k: round(v, 1) for k, v in times.items()},
+        "bf16_speedup": round(times["32"] / times["bf16"], 2),
+    }
+    return figures, (p, b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--study", default=str(REPO / "outputs" / "study"))
+    parser.add_argument("--vit", default=str(REPO / "outputs" / "demo" / "train" / "checkpoints" / "best.ckpt"),
+                        help="a trained ViT checkpoint compared the same way (default: make demo's)")
+    parser.add_argument("--decode", default="geoscore")
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    from geoloc.data.images import SkipReport
+    from geoloc.data.readers import read_im2gps
+    from geoloc.data.transforms import eval_transform
+    from geoloc.inference.export import export
+
+    study = json.loads((HERE / "results" / "study.json").read_text())
+    tau = study["choices"]["r4/smooth"]["setting"][TAU]
+    ckpt = Path(args.study) / "runs" / "r4" / f"smooth_tau_km{tau:g}" / "checkpoints" / "best.ckpt"
+    if not ckpt.is_file():
+        sys.exit(f"{ckpt}: missing; run bench/bench_study.py --out {args.study} first")
+    items = list(read_im2gps(SHARED / "im2gps3k-dev").iter_items(SkipReport()))
+    images, true = [it.image for it in items], np.asarray([it.latlng for it in items])
+    lite2, (eager_bf16, b) = _compare(ckpt, images, true, decode=args.decode, candidates=50, batch=args.batch)
+    # the exported bf16 model against the eager bf16 predictor, on the first photos
+    with tempfile.TemporaryDirectory() as tmp:
+        path, _ = export(eager_bf16, Path(tmp) / "model_bf16.pt")
+        module = torch.jit.load(str(path))
+        n = 64
+        with torch.no_grad():
+            exp = np.concatenate([module(torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None])["cell_prob"].numpy()
+                                  for im in images[:n]])
+    net = eager_bf16.net.eval()
+    drift = _drift(net, torch.stack([eval_transform(eager_bf16.model.data_config)(im) for im in images[::7][:256]]),
+                   args.batch)
+    result = {
+        "model": f"{ckpt} (EfficientNet-Lite2 frozen + heads, refine=evidence, decode={args.decode})",
+        **lite2,
         "exported_bf16_vs_eager_bf16": {
             "photos": n, "max_abs_cell_prob_diff": float(np.abs(exp - b["cell_prob"][:n]).max()),
             "top1_agreement": float((exp.argmax(1) == b["cell_prob"][:n].argmax(1)).mean())},
         "drift_by_layers": drift,
-        "forward_s": {k: round(v, 1) for k, v in times.items()},
-        "bf16_speedup": round(times["32"] / times["bf16"], 2),
+    }
+    if Path(args.vit).is_file():  # a ViT on the same photos: its numbers agree, its accuracy means nothing here
+        vit, _ = _compare(Path(args.vit), images, true, decode=args.decode, candidates=10 ** 6, batch=args.batch)
+        result["vit"] = {"model": f"{args.vit} (make demo's ViT with evidence heads, trained on the SYNTHETIC sample: "
+                                  "its GeoScore on real photos is not an accuracy)", **vit}
+    result.update({
         "targets": {"top1_cell_agreement": 0.99, "geoscore_rel_diff": 0.01, "max_claim_prob_diff_points": 1.0},
         "cores": os.cpu_count(), "threads": torch.get_num_threads(), "machine": platform.machine(),
-    }
+    })
     from geoloc.artifacts import atomic_write_json
 
     atomic_write_json(HERE / "results" / "precision.json", result)
