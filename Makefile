@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= outputs/demo
 
-.PHONY: install test demo lint bench clean-demo
+.PHONY: install test demo lint bench clean-demo ocr
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit("geoloc needs Python >= 3.11, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -59,3 +59,12 @@ bench: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# Optional: Tesseract with a language pack per script the OCR stage names (geoloc/evidence/ocr.py), and the Noto
+# fonts the OCR tests render signs in. Debian packages, installed as root; without them OCR uses RapidOCR and
+# those tests skip, saying so.
+OCR_PACKAGES = tesseract-ocr $(addprefix tesseract-ocr-,eng rus ell ara heb hin tha chi-sim jpn kor) \
+	fonts-noto-core fonts-noto-cjk
+ocr:
+	@if [ "$$(id -u)" != 0 ]; then echo "make ocr installs Debian packages: run it as root (sudo make ocr)"; exit 1; fi
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(OCR_PACKAGES)

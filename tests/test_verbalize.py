@@ -1,6 +1,7 @@
 """The reasoning chain: faithful to the model's outputs, by test."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,73 @@ def test_ocr_reader_on_a_rendered_sign():
     ImageDraw.Draw(img).text((20, 30), "HELLO WORLD", fill="black", font=ImageFont.load_default(size=48))
     ev = TextReader().text_evidence(img)
     assert ev is not None and ev["script"] == "Latin" and 0.5 < ev["confidence"] <= 1.0
+
+
+#: One sign per script the OCR stage names, and the Debian font (fonts-noto-core / fonts-noto-cjk) it renders in.
+SIGNS = {"Latin": ("Main Street Bakery", "truetype/noto/NotoSans-Regular.ttf"),
+         "Cyrillic": ("Владивосток", "truetype/noto/NotoSans-Regular.ttf"),
+         "Greek": ("Αθήνα κέντρο", "truetype/noto/NotoSans-Regular.ttf"),
+         "Arabic": ("مرحبا بكم في القاهرة", "truetype/noto/NotoSansArabic-Regular.ttf"),
+         "Hebrew": ("ירושלים העיר העתיקה", "truetype/noto/NotoSansHebrew-Regular.ttf"),
+         "Devanagari": ("नई दिल्ली रेलवे स्टेशन", "truetype/noto/NotoSansDevanagari-Regular.ttf"),
+         "Thai": ("กรุงเทพมหานคร", "truetype/noto/NotoSansThai-Regular.ttf"),
+         "Han": ("北京火车站", "opentype/noto/NotoSansCJK-Regular.ttc"),
+         "Japanese": ("とうきょうタワー", "opentype/noto/NotoSansCJK-Regular.ttc"),
+         "Korean": ("서울특별시", "opentype/noto/NotoSansCJK-Regular.ttc")}
+FONTS = Path("/usr/share/fonts")
+
+
+def _sign(text: str, font: str):
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not (FONTS / font).is_file():
+        pytest.skip(f"{FONTS / font} not found: apt-get install fonts-noto-core fonts-noto-cjk (make ocr)")
+    img = Image.new("RGB", (900, 160), "white")
+    ImageDraw.Draw(img).text((30, 40), text, fill="black", font=ImageFont.truetype(str(FONTS / font), 48))
+    return img
+
+
+@pytest.mark.parametrize("engine", ["tesseract", "rapidocr+tesseract"])
+@pytest.mark.parametrize("script", list(SIGNS))
+def test_tesseract_names_the_script_of_a_sign_in_each_script(script, engine):
+    """Tesseract with every installed pack (on the whole image, or on the lines RapidOCR's detector finds) reads a
+    rendered sign and the stage names its script."""
+    from geoloc.evidence.ocr import TESSERACT_INSTALL, TextReader, tesseract_languages
+
+    lang = {"Latin": "eng", "Cyrillic": "rus", "Greek": "ell", "Arabic": "ara", "Hebrew": "heb", "Devanagari": "hin",
+            "Thai": "tha", "Han": "chi_sim", "Japanese": "jpn", "Korean": "kor"}[script]
+    if lang not in tesseract_languages():
+        pytest.skip(f"Tesseract or its {lang} pack is not installed: {TESSERACT_INSTALL} (make ocr)")
+    if engine != "tesseract":
+        pytest.importorskip("rapidocr_onnxruntime")
+    reader = TextReader(engine)
+    assert reader.name == engine and lang in reader.engine.langs
+    ev = reader.text_evidence(_sign(*SIGNS[script]))
+    assert ev is not None and ev["script"] == script, ev
+    assert 0.5 < ev["confidence"] <= 1.0
+
+
+def test_the_engines_are_chosen_by_name_and_a_missing_tesseract_says_how_to_install_it(monkeypatch):
+    from geoloc.evidence import ocr
+
+    with pytest.raises(ValueError, match="OCR engine must be one of"):
+        ocr.TextReader("easyocr")
+    monkeypatch.setattr(ocr, "tesseract_languages", lambda binary="tesseract": [])
+    with pytest.raises(RuntimeError, match="apt-get install -y tesseract-ocr .*tesseract-ocr-rus"):
+        ocr.TextReader("tesseract")
+    assert ocr.make_reader(False) is None and ocr.make_reader(None) is None
+    pytest.importorskip("rapidocr_onnxruntime")
+    assert ocr.TextReader("auto").name == "rapidocr"  # no Tesseract: the bundled engine
+    assert ocr.make_reader(True).name == "rapidocr"
+
+
+def test_tesseract_lines_and_confidences_from_its_tsv():
+    from geoloc.evidence.ocr import _tsv_lines
+
+    tsv = ("level\tpage_num\tblock_num\tpar_num\tline_num\tword_num\tleft\ttop\twidth\theight\tconf\ttext\n"
+           "4\t1\t1\t1\t1\t0\t0\t0\t9\t9\t-1\t\n"
+           "5\t1\t1\t1\t1\t1\t0\t0\t9\t9\t90.0\tУлица\n"
+           "5\t1\t1\t1\t1\t2\t0\t0\t9\t9\t70.0\tЛенина\n"
+           "5\t1\t2\t1\t1\t1\t0\t0\t9\t9\t-1\t \n"
+           "5\t1\t2\t1\t1\t2\t0\t0\t9\t9\t50.0\tSTOP\n")
+    assert _tsv_lines(tsv) == [("Улица Ленина", pytest.approx(0.8)), ("STOP", pytest.approx(0.5))]

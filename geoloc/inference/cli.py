@@ -17,7 +17,8 @@ reason and the others still run; the exit status is 1 when any photo failed.
 
 ``--explain`` adds the reasoning chain (:mod:`geoloc.evidence.verbalize`): scene, environment cues and
 region, each claim with the probability a head of the model computed, and how the evidence agrees with
-each top cell; ``--ocr`` also reads text in the photo (needs ``rapidocr-onnxruntime``).
+each top cell; ``--ocr`` also reads text in the photo (``--ocr-engine auto``: Tesseract when installed,
+``make ocr``; else ``rapidocr-onnxruntime``).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def predict_files(paths: list[str], predictor, *, batch_size: int = 32) -> list[
 
 def load_predictor(model: str, *, cells: str | None = None, refine: str = "none", index: str | None = None,
                    clip_weights: str | None = None, gallery: str | None = None, topk: int | None = None,
-                   device: str = "cpu", explain: bool = False, ocr: bool = False, decode: str | None = None,
+                   device: str = "cpu", explain: bool = False, ocr: bool | str = False, decode: str | None = None,
                    calibration: str | None = None, precision: str | None = None):
     """A predictor for ``--model``: ``geoclip`` (GeoCLIP's released model), an exported TorchScript file or a
     ``train.py`` checkpoint (the last two told apart by content, not by name).
@@ -125,7 +126,7 @@ def load_predictor(model: str, *, cells: str | None = None, refine: str = "none"
     from geoloc.inference.predictor import build_predictor
 
     return build_predictor(model, cells=cells, refine=refine, index=index, gallery=gallery, topk=topk or 5,
-                           device=device, explain=explain, ocr=ocr and explain, decode=decode or "argmax",
+                           device=device, explain=explain, ocr=ocr if explain else False, decode=decode or "argmax",
                            calibration="auto" if calibration is None else calibration, precision=precision or "32")
 
 
@@ -190,13 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
     parser.add_argument("--explain", action="store_true",
                         help="the reasoning chain: scene, environment cues, region, each with its probability")
-    parser.add_argument("--ocr", action="store_true", help="with --explain: also read text in the photo "
-                        "(needs rapidocr-onnxruntime)")
+    parser.add_argument("--ocr", action="store_true", help="with --explain: also read text in the photo and name "
+                        "its script")
+    parser.add_argument("--ocr-engine", default="auto", choices=("auto", "tesseract", "rapidocr"),
+                        help="auto: Tesseract when installed (make ocr), else rapidocr-onnxruntime")
     args = parser.parse_args(argv)
     try:
         predictor = load_predictor(args.model, cells=args.cells, refine=args.refine, index=args.index,
                                    clip_weights=args.clip_weights, gallery=args.gallery, topk=args.topk,
-                                   device=args.device, explain=args.explain, ocr=args.ocr, decode=args.decode,
+                                   device=args.device, explain=args.explain,
+                                   ocr=args.ocr_engine if args.ocr else False, decode=args.decode,
                                    calibration=args.calibration, precision=args.precision)
     except (ImportError, *USER_ERRORS) as e:
         message = user_message(e) or str(e)

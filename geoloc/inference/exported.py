@@ -118,9 +118,9 @@ class ExportedPredictor:
         self.evidence_heads = list(self.meta.get("evidence", {}))
         self.ocr = None
         if ocr and explain:
-            from geoloc.evidence.ocr import TextReader
+            from geoloc.evidence.ocr import make_reader
 
-            self.ocr = TextReader()
+            self.ocr = make_reader(ocr)
 
     def _cells(self, cells):
         centroids = self.model.centroids.detach().cpu().numpy().astype(np.float64)

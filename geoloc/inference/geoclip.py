@@ -68,9 +68,9 @@ def build_geoclip_predictor(clip_weights: str | Path | None = None, *, cells: st
         scorers.insert(0, PrototypeScorer.from_run(model, index=index, temperature=temperature))
     reader = None
     if ocr and explain:
-        from geoloc.evidence.ocr import TextReader
+        from geoloc.evidence.ocr import make_reader
 
-        reader = TextReader()
+        reader = make_reader(ocr)
     return ModelPredictor(model, scorers, topk=topk, candidates=candidates,
                           weights={"cells": 1.0, "gallery": 0.0, "prototypes": 1.0, **(weights or {})},
                           batch_size=batch_size, device=device, explain=explain, ocr=reader, name=name,

@@ -206,10 +206,10 @@ class ModelPredictor:
     @property
     def ocr(self):
         """The text reader (made on first use), or None without OCR."""
-        if self._ocr is True:
-            from geoloc.evidence.ocr import TextReader
+        if self._ocr is True or isinstance(self._ocr, str):
+            from geoloc.evidence.ocr import make_reader
 
-            self._ocr = TextReader()
+            self._ocr = make_reader(self._ocr)
         return self._ocr
 
     def scorer(self, name: str):
@@ -506,9 +506,9 @@ def build_predictor(ckpt: str | Path, *, refine: str = "none", scorers: Sequence
             made.append(s)
     reader = None
     if ocr and explain:
-        from geoloc.evidence.ocr import TextReader
+        from geoloc.evidence.ocr import make_reader
 
-        reader = TextReader()
+        reader = make_reader(ocr)
     return ModelPredictor(model, made, topk=topk, candidates=candidates, weights=weights, batch_size=batch_size,
                           device=device, compile=compile, explain=explain, ocr=reader, name=name,
                           refine_requested=refine_name(requested), decode=decode, calibration=cal,
