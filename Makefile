@@ -41,7 +41,8 @@ demo: $(STAMP)
 	$(PY) -m geoloc shards data=sample data.split=test split=test out=$(DEMO)/shards
 	$(PY) -m geocells.build points=$(SAMPLE_CSV) points_split=train out=$(DEMO)/cells.parquet \
 		min_points=25 max_points=200
-	$(PY) train.py experiment=demo trainer.enable_progress_bar=false ckpt_path=last
+	$(PY) train.py experiment=demo cells=$(DEMO)/cells.parquet output_dir=$(DEMO)/train trainer.enable_progress_bar=false \
+		ckpt_path=last
 	$(PY) evaluate.py $(EVAL_TEST) predictor=model ckpt=$(DEMO)/train/checkpoints/best.ckpt output_dir=$(DEMO)/model \
 		predictor.explain=true predictor.decode=geoscore predictor.candidates=$(EVERY_CELL)
 	$(PY) -m geoloc export ckpt=$(DEMO)/train/checkpoints/best.ckpt out=$(DEMO)/model.pt

@@ -50,12 +50,10 @@ def _network_pass(cfg: DictConfig, source, predictor):
     first process (the same predictions as without a trainer), or ``(None, None)`` in the others."""
     from pathlib import Path
 
-    from geoloc.inference.predictor import ModelPredictor, PrecomputedPredictor
+    from geoloc.inference.predictor import PrecomputedPredictor
     from geoloc.training.embedding import pass_trainer, run_embedding_pass
 
-    if not isinstance(predictor, ModelPredictor):
-        raise ValueError(f"trainer= spreads a network's forward pass; predictor {predictor.name!r} has none (run it "
-                         "without a trainer)")
+    PrecomputedPredictor.check(predictor)  # before the pass, not after it
     result = run_embedding_pass(source, predictor.transform, predictor._forward, {"net": predictor.net},
                                 trainer=pass_trainer(cfg.trainer, progress=cfg.progress), work_dir=Path(cfg.output_dir),
                                 batch_size=cfg.batch_size, num_workers=cfg.num_workers,

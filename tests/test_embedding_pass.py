@@ -145,3 +145,30 @@ def test_evaluate_on_two_processes_scores_what_one_process_scores(tiny_run, phot
     chains = [json.loads(line)["IMG_ID"] for line in (tmp_path / "two" / "explanations.jsonl").open()]
     assert sorted(chains) == sorted(b["IMG_ID"]) and len(set(chains)) == len(chains)
     assert not list((tmp_path / "two").glob("parts-*"))
+
+
+def test_a_failed_pass_leaves_no_parts_and_a_predictor_that_cannot_use_outputs_is_refused_first(photos, tmp_path):
+    from geoloc.inference.baselines import ConstantPredictor
+    from geoloc.inference.predictor import PrecomputedPredictor
+    from geoloc.training.embedding import run_embedding_pass
+
+    source = read_sample(photos["folder"], split="test", n_images=240)
+    enc = _encoder()
+
+    def broken(x):
+        raise RuntimeError("the network broke")
+
+    with pytest.raises(RuntimeError, match="the network broke"):
+        run_embedding_pass(source, eval_transform(enc.data_config), broken, {"encoder": enc}, work_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="has none"):
+        PrecomputedPredictor.check(ConstantPredictor(np.zeros((3, 2))))
+
+
+def test_evaluate_with_a_trainer_refuses_ocr_before_running_the_network(tiny_run, photos, tmp_path):
+    res = subprocess.run([sys.executable, "evaluate.py", "data=sample", f"data.root={photos['folder']}",
+                          "data.n_images=240", "predictor=model", f"ckpt={tiny_run['ckpt']}", "predictor.explain=true",
+                          "predictor.ocr=true", "trainer=cpu", f"output_dir={tmp_path / 'out'}", "progress=false"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "OCR reads the photos themselves" in res.stderr and "Predicting" not in res.stderr + res.stdout

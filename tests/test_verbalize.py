@@ -223,6 +223,23 @@ def test_the_engines_are_chosen_by_name_and_a_missing_tesseract_says_how_to_inst
     with pytest.raises(RuntimeError, match="apt-get install -y tesseract-ocr .*tesseract-ocr-rus"):
         ocr.TextReader("tesseract")
     assert ocr.make_reader(False) is None and ocr.make_reader(None) is None
+    reader = object.__new__(ocr.TextReader)  # an engine that fails on a photo: no evidence for it, a warning
+
+    class Broken:
+        min_confidence = 0.5
+
+        def read(self, image):
+            raise RuntimeError("tesseract failed (1): bad image")
+
+    reader.engine, reader.name = Broken(), "broken"
+    with pytest.warns(UserWarning, match="bad image"):
+        assert reader.text_evidence(None) is None
+    from PIL import Image
+
+    dtr = object.__new__(ocr.DetectThenRead)  # a detector box of no height is passed over, not divided by
+    dtr.detector = type("D", (), {"engine": staticmethod(lambda img, **k: ([[[0, 5], [10, 5], [10, 5], [0, 5]]], 0))})()
+    dtr.reader = type("R", (), {"read": staticmethod(lambda crop: [("Berlin", 0.9)])})()
+    assert dtr.read(Image.new("RGB", (20, 20))) == []
     pytest.importorskip("rapidocr_onnxruntime")
     assert ocr.TextReader("auto").name == "rapidocr"  # no Tesseract: the bundled engine
     assert ocr.make_reader(True).name == "rapidocr"

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import unicodedata
+import warnings
 
 import numpy as np
 
@@ -199,6 +200,8 @@ class DetectThenRead:
             pad = 0.15 * (max(ys) - min(ys))
             crop = rgb.crop((max(0, min(xs) - pad), max(0, min(ys) - pad), min(rgb.width, max(xs) + pad),
                              min(rgb.height, max(ys) + pad)))
+            if crop.width < 2 or crop.height < 2:  # a degenerate box: nothing to read
+                continue
             if crop.height < 40:  # Tesseract reads lines of 30+ px best
                 crop = crop.resize((max(1, round(crop.width * 40 / crop.height)), 40))
             read = [(t, c) for t, c in self.reader.read(crop) if text_script(t)[1]]
@@ -230,7 +233,14 @@ class TextReader:
         return self.engine.read(image)
 
     def text_evidence(self, image) -> dict | None:
-        return script_evidence(self.read(image), self.engine.min_confidence)
+        """The photo's script evidence, or None; an engine that fails on one photo gives none for it (with a
+        warning), so that a long evaluation goes on."""
+        try:
+            lines = self.read(image)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            warnings.warn(f"OCR ({self.name}) failed on a photo, which gets no text evidence: {e}", stacklevel=2)
+            return None
+        return script_evidence(lines, self.engine.min_confidence)
 
 
 def make_reader(ocr) -> TextReader | None:

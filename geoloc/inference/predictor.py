@@ -399,12 +399,20 @@ class PrecomputedPredictor:
     needs_images = False
 
     def __init__(self, predictor: ModelPredictor, keys, outputs: Mapping[str, np.ndarray]):
-        if predictor._ocr is not None:
-            raise ValueError("OCR reads the photos themselves: it cannot run on outputs computed beforehand; "
-                             "predict in one process (no trainer) or set predictor.ocr=false")
+        self.check(predictor)
         self.predictor = predictor
         self.outputs = {k: np.asarray(v) for k, v in outputs.items()}
         self.row = {str(k): i for i, k in enumerate(keys)}
+
+    @staticmethod
+    def check(predictor) -> None:
+        """Raises ValueError, before any network runs, when ``predictor`` cannot answer from outputs alone."""
+        if not isinstance(predictor, ModelPredictor):
+            raise ValueError(f"trainer= spreads a network's forward pass; predictor {predictor.name!r} has none "
+                             "(run it without a trainer)")
+        if predictor._ocr is not None:
+            raise ValueError("OCR reads the photos themselves: it cannot run on outputs computed beforehand; "
+                             "predict in one process (no trainer) or set predictor.ocr=false")
 
     def __getattr__(self, name):  # name, cells, explain, topk, ...: the predictor's
         if name == "predictor":

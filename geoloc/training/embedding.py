@@ -5,7 +5,8 @@ Each process reads its own share of the source (:meth:`~geoloc.data.readers.GeoD
 ``part=(rank, world)``, further split between its DataLoader workers), so no photo is decoded or embedded
 twice and none is left out. :class:`PartWriter` (a ``BasePredictionWriter``) writes each batch's outputs to
 a part file in a folder the processes share; at the end of the pass the first process checks the parts
-(every row once: an index written twice, or a part that lost rows, is an error) and merges them into the
+(every row once: an index written twice, or a part whose outputs and rows differ in number, is an error;
+the folder is removed, also when the pass fails) and merges them into the
 source's reading order, which is the order a one-process pass gives. The other processes return None, so
 that only one writes the artifact the pass was for (the index, the feature cache, the predictions).
 
@@ -206,7 +207,7 @@ def merge_parts(folder: Path, *, world_size: int = 1) -> EmbeddingResult:
     """The parts of a pass in ``folder``, checked and put in the source's reading order.
 
     Raises:
-        ValueError: a row written by two batches (or two processes), or nothing at all to merge.
+        ValueError: a row written by two batches (or two processes), or a part whose outputs and rows differ.
     """
     index, keys, latlng, meta, outs = [], [], [], [], {}
     skipped = SkipReport()
@@ -275,6 +276,8 @@ def run_embedding_pass(source, transform: Callable, forward: Callable, modules: 
         trainer.predict(module, datamodule=_Data(), return_predictions=False)
     finally:
         trainer.callbacks.remove(writer)
+        if writer.folder is not None and trainer.global_rank == 0:  # a failed pass leaves no parts behind
+            shutil.rmtree(writer.folder, ignore_errors=True)
     return writer.result if trainer.global_rank == 0 else None
 
 
