@@ -113,7 +113,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
                   + (f"; {len(cache.skipped)} skipped" if cache.skipped else "") + ")")
     else:
         datamodule.set_data_config(net.image_encoder.data_config)
-    datamodule.set_evidence_heads(list(net.evidence))
+    # the text decoder's training text names the scene: the batches carry its label even without a scene head
+    datamodule.set_evidence_heads(list(net.evidence) + (["scene"] if net.text_decoder is not None
+                                                        and "scene" not in net.evidence else []))
 
     # trainer.precision=auto: bf16-mixed where the accelerator computes bfloat16 natively, else 32-true (the
     # run's config.yaml records which)

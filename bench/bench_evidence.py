@@ -18,7 +18,14 @@ Reported (bench/results/evidence.json and evidence.md):
 * faithfulness over every test photo: each claim of each chain re-derived from the network outputs
   (:func:`geoloc.evidence.verbalize.verify_chain`), and how often the top cell agrees with the evidence;
 * the OCR stage on the test photos (when rapidocr-onnxruntime is installed): how many photos show legible
-  text, and how often its script is the main script of the country the photo was taken in.
+  text, and how often its script is the main script of the country the photo was taken in;
+* the text decoder (``--decoder`` runs this part alone and merges it into the results): the same recipe with
+  a text decoder (``model.text_decoder``) trained on the training folds' captions, on test fold 4: per part and
+  per stage, how often the decoder's claims are true (against the photo's own caption) and how often the
+  training folds' most frequent value is; the share of claims the checker keeps and the truth of kept against
+  dropped claims; agreement of the kept claims with the template chain; faithfulness
+  (:func:`geoloc.evidence.claims.verify_checked_chain`); time per photo of the decoder (greedy and 4 beams)
+  against the network's forward pass.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ sys.path.insert(0, str(HERE))
 from bench_study import (  # noqa: E402
     BACKBONE,
     HEAD_WEIGHT,
+    LR,
+    NO_GPS,
     REPO,
     SHARED,
     TAU,
@@ -45,7 +54,11 @@ from bench_study import (  # noqa: E402
     Photos,
     rotation,
     summarize,
+    train,
 )
+
+#: The decoder the study trains (about 6.4 M parameters; frozen backbone, so its loss trains it alone).
+DECODER = "{width: 256, layers: 3, heads: 4, memory_tokens: 8}"
 
 
 def _epoch(ckpt: Path) -> int:
@@ -82,9 +95,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(REPO / "outputs" / "study"))
     parser.add_argument("--rotations", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--decoder", action="store_true", help="only the text decoder part, merged into the results")
     args = parser.parse_args()
     out = Path(args.out)
     study = json.loads((HERE / "results" / "study.json").read_text())
+    if args.decoder:
+        from geoloc.artifacts import atomic_write_json, atomic_write_text
+
+        cells = out / "cells.parquet"
+        if not cells.is_file():
+            sys.exit(f"{out}: no study runs here; run bench/bench_study.py --out {out} first")
+        from geoloc.models.image_encoder import ImageEncoder
+
+        photos = Photos(out, ImageEncoder("tf_efficientnet_lite2", weights="efficientnet_lite2", trainable_blocks=0))
+        result = json.loads((HERE / "results" / "evidence.json").read_text())
+        result["decoder"] = decoder_study(out, cells, photos, study)
+        atomic_write_json(HERE / "results" / "evidence.json", result)
+        md = markdown(result)
+        atomic_write_text(HERE / "results" / "evidence.md", md)
+        print(md)
+        return
     from geoloc.data.readers import load_reference_latlng
     from geoloc.evidence.labels import HEADS
     from geoloc.evidence.verbalize import verify_chain
@@ -181,13 +211,139 @@ def main() -> None:
               "geolocation_test_fold_4": geo,
               "faithfulness": faith if 4 in per_rotation else None, "example": example if 4 in per_rotation else None,
               "ocr": ocr if 4 in per_rotation else None, "cores": os.cpu_count(), "machine": platform.machine(),
-              "backbone_name": BACKBONE}
+              "backbone_name": BACKBONE,
+              "decoder": decoder_study(out, cells, photos, study) if 4 in args.rotations else None}
     from geoloc.artifacts import atomic_write_json, atomic_write_text
 
     atomic_write_json(HERE / "results" / "evidence.json", result)
     md = markdown(result)
     atomic_write_text(HERE / "results" / "evidence.md", md)
     print(md)
+
+
+def _claims_of(chains: list[dict]) -> list[list[dict]]:
+    return [c["claims"] for c in chains]
+
+
+def decoder_study(out: Path, cells: Path, photos: Photos, study: dict, r: int = 4) -> dict:
+    """The text decoder on rotation ``r``'s test fold (see the module docstring)."""
+    import torch
+
+    from geoloc.evidence.captions import PARTS, caption_parts
+    from geoloc.evidence.claims import decoder_chains, verify_checked_chain
+    from geoloc.evidence.verbalize import explain
+
+    tau = study["choices"][f"r{r}/smooth"]["setting"][TAU]
+    lr = study["choices"][f"r{r}/cls"]["setting"][LR]
+    ckpt, seconds = train(out, cells, f"decoder_tau_km{tau:g}", r,
+                          [*NO_GPS, f"{TAU}={tau}", f"{LR}={lr}", f"++model.text_decoder={DECODER}",
+                           "model.module.loss_weights.text=1.0"])
+    scene = photos.cache.labels["scene"].astype(float)
+    scene[scene < 0] = np.nan
+    truth = caption_parts(photos.latlng, scene=scene)  # every photo's own caption
+
+    def majority(idx) -> dict[str, str]:
+        return {p: max(vals, key=vals.count) for p in PARTS
+                if (vals := [truth[i][p] for i in idx if p in truth[i]])}
+
+    def run(name: str, part: str, beams: int = 1):
+        e = Evaluator(ckpt.parent / f"{name}.ckpt", cells, photos, r, np.zeros((1, 2)))
+        pred = e.predictor(explain="both", explain_beams=beams)
+        o = e.outputs(pred, part)
+        t = time.perf_counter()
+        tokens, probs = pred.generate_texts(o["features"])
+        gen_s = (time.perf_counter() - t) / len(tokens)
+        return e, pred, o, decoder_chains(tokens, probs, o, e.cells), gen_s
+
+    def accuracy(chains, idx, keep=None) -> dict:
+        rows = {}
+        for p in PARTS:
+            made = [(c["value"] == truth[i].get(p)) for ch, i in zip(chains, idx) for c in ch["claims"]
+                    if c["head"] == p and (keep is None or (c["verdict"] == "backed") == keep)]
+            rows[p] = (sum(made), len(made))
+        return rows
+
+    # the checkpoint: the cell head's (lowest validation cell loss) or the last epoch's, by the decoder's claim
+    # accuracy on the validation fold
+    val_acc = {}
+    for name in ("best", "last"):
+        e, _, _, chains, _ = run(name, "val")
+        hits = accuracy(chains, e.idx["val"])
+        val_acc[name] = round(100 * sum(h for h, _ in hits.values()) / max(1, sum(n for _, n in hits.values())), 2)
+    pick = max(val_acc, key=val_acc.get)
+    e, pred, o, chains, greedy_s = run(pick, "test")
+    idx = e.idx["test"]
+    maj = majority(e.idx["train"])
+    all_rows, kept_rows, dropped_rows = accuracy(chains, idx), accuracy(chains, idx, True), accuracy(chains, idx, False)
+    per_part = {}
+    for p, stage in PARTS.items():
+        have = [i for i in idx if p in truth[i]]
+        h, n = all_rows[p]
+        per_part[p] = {"stage": stage, "photos_with_truth": len(have), "claims": n,
+                       "accuracy": round(100 * h / n, 1) if n else None,
+                       "majority_value": maj.get(p),
+                       "majority_accuracy": round(100 * np.mean([truth[i][p] == maj.get(p) for i in have]), 1)
+                       if have else None,
+                       "kept": kept_rows[p][1], "kept_accuracy": round(100 * kept_rows[p][0] / kept_rows[p][1], 1)
+                       if kept_rows[p][1] else None,
+                       "dropped": dropped_rows[p][1],
+                       "dropped_accuracy": round(100 * dropped_rows[p][0] / dropped_rows[p][1], 1)
+                       if dropped_rows[p][1] else None}
+    per_stage = {}
+    for stage in ("scene", "environment", "region"):
+        ps = [p for p, s in PARTS.items() if s == stage]
+        h, n = sum(all_rows[p][0] for p in ps), sum(all_rows[p][1] for p in ps)
+        kh, kn = sum(kept_rows[p][0] for p in ps), sum(kept_rows[p][1] for p in ps)
+        mh = sum(per_part[p]["majority_accuracy"] * per_part[p]["claims"] / 100 for p in ps
+                 if per_part[p]["majority_accuracy"] is not None)
+        per_stage[stage] = {"claims": n, "accuracy": round(100 * h / n, 1) if n else None,
+                            "majority_accuracy_same_parts": round(100 * mh / n, 1) if n else None,
+                            "kept": kn, "kept_accuracy": round(100 * kh / kn, 1) if kn else None}
+    verdicts: dict[str, int] = {}
+    for ch in chains:
+        for c in ch["claims"]:
+            verdicts[c["verdict"]] = verdicts.get(c["verdict"], 0) + 1
+    total = sum(verdicts.values())
+    problems = [q for i, ch in enumerate(chains) for q in verify_checked_chain(ch, o, i, e.cells)]
+    # agreement with the template chain: a kept claim against the template's value for the same part
+    res = pred.refine_batch(o)
+    template = explain(o, res, e.cells)
+    agree = n_both = 0
+    for ch, tc in zip(chains, template):
+        tv = {}
+        for c in tc["claims"]:
+            if c["source"] == "evidence head":
+                tv[c["head"]] = c["value"]
+            elif c["source"] in ("geocells:continent", "geocells:country", "geocells:admin1"):
+                tv.setdefault(c["source"].split(":")[1], c["value"])
+        for c in ch["claims"]:
+            if c["verdict"] == "backed" and c["head"] in tv:
+                n_both += 1
+                agree += c["value"] == tv[c["head"]]
+    # time per photo: the decoder (greedy, 4 beams) against the network's forward pass on the backbone
+    beam_s = run(pick, "test", beams=4)[4]
+    net = e.model.net
+    x = torch.randn(32, 3, *net.image_encoder.data_config["input_size"][1:])
+    with torch.inference_mode():
+        net(x[:4])
+        t = time.perf_counter()
+        net(x)
+        forward_s = (time.perf_counter() - t) / len(x)
+    example = next((ch for ch in chains if ch["kept"] >= 3), chains[0])
+    n_params = sum(p.numel() for p in net.text_decoder.parameters())
+    return {"rotation": r, "checkpoint": pick, "validation_claim_accuracy": val_acc, "train_seconds": seconds,
+            "decoder": DECODER, "decoder_parameters": n_params, "photos": len(idx),
+            "per_stage": per_stage, "per_part": per_part,
+            "checker": {"claims": total, "by_verdict": dict(sorted(verdicts.items())),
+                        "share_kept": round(verdicts.get("backed", 0) / total, 4) if total else None},
+            "faithfulness_problems": len(problems), "examples_of_problems": problems[:3],
+            "agreement_with_template": {"kept_claims_compared": n_both,
+                                        "agree_percent": round(100 * agree / n_both, 1) if n_both else None},
+            "seconds_per_photo": {"decoder_greedy": round(greedy_s, 5), "decoder_beams_4": round(beam_s, 5),
+                                  "network_forward_batch_32": round(forward_s, 5)},
+            "example": {"key": str(photos.keys[idx[chains.index(example)]]),
+                        "generated": example["generated_text"], "shown": example["text"],
+                        "truth": truth[idx[chains.index(example)]]}}
 
 
 def _ocr(out: Path, idx: np.ndarray, photos: Photos, labels: dict) -> dict:
@@ -273,6 +429,32 @@ def markdown(r: dict) -> str:
                          f"per photo); scripts read: {o['scripts_read']}; the script is the main script of the "
                          f"photo's country in {o['script_is_the_country_main_script']} of "
                          f"{o['with_text_and_country']}. Examples: {o['examples']}\n")
+    d = r.get("decoder")
+    if d:
+        sp = d["seconds_per_photo"]
+        lines += [f"\n## Text decoder (test fold {d['rotation']}, {d['photos']} photos)\n\n",
+                  f"`model.text_decoder={d['decoder']}` ({d['decoder_parameters'] / 1e6:.1f} M parameters) trained "
+                  f"with the heads on the training folds' captions (checkpoint `{d['checkpoint']}`, chosen on the "
+                  f"validation fold's claim accuracy {d['validation_claim_accuracy']}). Truth: each photo's own "
+                  "caption; majority: the training folds' most frequent value of the part.\n\n",
+                  "| stage | claims | true % | majority % (same parts) | kept | kept true % |\n",
+                  "|---|---|---|---|---|---|\n"]
+        for stage, m in d["per_stage"].items():
+            lines.append(f"| {stage} | {m['claims']} | {m['accuracy']} | {m['majority_accuracy_same_parts']} | "
+                         f"{m['kept']} | {m['kept_accuracy']} |\n")
+        lines.append("\n| part | claims | true % | majority % | majority value | kept | kept true % | dropped | "
+                     "dropped true % |\n|---|---|---|---|---|---|---|---|---|\n")
+        for p, m in d["per_part"].items():
+            lines.append(f"| {p} | {m['claims']} | {m['accuracy']} | {m['majority_accuracy']} | {m['majority_value']} "
+                         f"| {m['kept']} | {m['kept_accuracy']} | {m['dropped']} | {m['dropped_accuracy']} |\n")
+        c, a = d["checker"], d["agreement_with_template"]
+        lines += [f"\nChecker: {c['claims']} claims, {c['by_verdict']}; kept {100 * c['share_kept']:.1f}%. "
+                  f"Faithfulness: {d['faithfulness_problems']} problems. Kept claims agreeing with the template "
+                  f"chain: {a['agree_percent']}% of {a['kept_claims_compared']}. Time per photo: decoder greedy "
+                  f"{1000 * sp['decoder_greedy']:.1f} ms, 4 beams {1000 * sp['decoder_beams_4']:.1f} ms, the "
+                  f"network's forward pass {1000 * sp['network_forward_batch_32']:.1f} ms (batch 32).\n\n",
+                  f"Example ({d['example']['key']}), generated:\n\n```\n{d['example']['generated']}\n```\n\n"
+                  f"shown after checking:\n\n```\n{d['example']['shown']}\n```\n"]
     return "".join(lines)
 
 

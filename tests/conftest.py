@@ -74,3 +74,15 @@ def tiny_evidence_run(tmp_path_factory) -> dict:
     scene head's loss is masked out: it exists but is untrained)."""
     return _train_tiny(tmp_path_factory.mktemp("tiny_evidence_run"),
                        f"model.evidence={{{', '.join(f'{h}: 1.0' for h in EVIDENCE_HEADS)}}}", evidence_cells=True)
+
+
+#: A text decoder small enough for tests.
+TINY_TEXT_DECODER = "model.text_decoder={width: 32, layers: 1, heads: 2, memory_tokens: 2}"
+
+
+@pytest.fixture(scope="session")
+def tiny_text_run(tmp_path_factory) -> dict:
+    """Like :func:`tiny_evidence_run`, with a text decoder (the reasoning head that writes the chain)."""
+    return _train_tiny(tmp_path_factory.mktemp("tiny_text_run"),
+                       f"model.evidence={{{', '.join(f'{h}: 1.0' for h in EVIDENCE_HEADS)}}}", TINY_TEXT_DECODER,
+                       evidence_cells=True)

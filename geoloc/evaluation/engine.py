@@ -242,6 +242,29 @@ def run_predictions(source: ItemSource, predictor: Predictor, output_dir: str | 
     return skipped
 
 
+def generated_claim_counts(path: Path) -> dict | None:
+    """What the checker did with the generated chains of ``explanations.jsonl``: claims by verdict, sentences
+    it could not parse, photos; None when no chain there was generated."""
+    if not path.is_file():
+        return None
+    counts: dict[str, int] = {}
+    photos = unparsed = 0
+    with open(path) as f:
+        for line in f:
+            g = json.loads(line).get("generated") if line.strip() else None
+            if not g:
+                continue
+            photos += 1
+            unparsed += int(g.get("unparsed", 0))
+            for c in g["claims"]:
+                counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
+    if not photos:
+        return None
+    total = sum(counts.values())
+    return {"photos": photos, "claims": total, "by_verdict": dict(sorted(counts.items())),
+            "share_kept": round(counts.get("backed", 0) / total, 4) if total else None, "unparsed_sentences": unparsed}
+
+
 def score(output_dir: str | Path, *, country_of: Callable[[np.ndarray], np.ndarray] | None = None,
           admin_of=None) -> dict:
     """Metrics over every row of ``output_dir/predictions.csv`` and ``skipped.csv``.
@@ -370,6 +393,9 @@ def evaluate(source: ItemSource, predictor: Predictor, output_dir: str | Path, *
     run_predictions(source, predictor, out, batch_size=batch_size, resume=resume, progress=progress,
                     run_info=info)
     metrics = score(out, country_of=country_of, admin_of=admin_of)
+    generated = generated_claim_counts(out / "explanations.jsonl")
+    if generated:
+        metrics["generated_claims"] = generated
     metrics["dataset"] = {"name": source.name, "source": info["source"], "synthetic": bool(source.synthetic),
                           "notes": list(getattr(source, "notes", []))}
     metrics["predictor"] = predictor.describe()

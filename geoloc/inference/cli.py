@@ -4,6 +4,7 @@
     geoloc-predict photos/*.jpg --model ... --json                      # one JSON object per photo
     geoloc-predict photo.jpg --model ... --refine prototypes --topk 3    # also gallery, both, evidence, ...
     geoloc-predict photo.jpg --model ... --explain [--ocr]               # the reasoning chain too
+    geoloc-predict photo.jpg --model ... --explain generated             # the text decoder's, every claim checked
     geoloc-predict photo.jpg --model ... --decode geoscore               # the answer with the best expected score
     geoloc-predict photo.jpg --model model.pt [--explain]               # an exported model (geoloc.inference.export)
 
@@ -18,7 +19,9 @@ reason and the others still run; the exit status is 1 when any photo failed.
 ``--explain`` adds the reasoning chain (:mod:`geoloc.evidence.verbalize`): scene, environment cues and
 region, each claim with the probability a head of the model computed, and how the evidence agrees with
 each top cell; ``--ocr`` also reads text in the photo (``--ocr-engine auto``: Tesseract when installed,
-``make ocr``; else ``rapidocr-onnxruntime``).
+``make ocr``; else ``rapidocr-onnxruntime``). For a model trained with a text decoder, ``--explain`` also
+shows the chain the decoder writes, with only the claims the model's outputs back
+(:mod:`geoloc.evidence.claims`); ``--explain template|generated|both`` chooses.
 """
 
 from __future__ import annotations
@@ -92,15 +95,25 @@ def predict_files(paths: list[str], predictor, *, batch_size: int = 32) -> list[
 
 def load_predictor(model: str, *, cells: str | None = None, refine: str = "none", index: str | None = None,
                    clip_weights: str | None = None, gallery: str | None = None, topk: int | None = None,
-                   device: str = "cpu", explain: bool = False, ocr: bool | str = False, decode: str | None = None,
-                   calibration: str | None = None, precision: str | None = None):
+                   device: str = "cpu", explain: bool | str = False, ocr: bool | str = False, decode: str | None = None,
+                   calibration: str | None = None, precision: str | None = None, explain_beams: int = 1,
+                   vlm: str | None = None):
     """A predictor for ``--model``: ``geoclip`` (GeoCLIP's released model), an exported TorchScript file or a
     ``train.py`` checkpoint (the last two told apart by content, not by name).
 
     ``decode`` (None: ``argmax``) and ``calibration`` (None: ``auto`` for a checkpoint, none for GeoCLIP; a
     path; ``none``) apply to checkpoints and GeoCLIP; an exported model answers as it was exported.
     ``precision`` (None: ``32``; ``bf16``, ``auto``) is the forward pass's (:mod:`geoloc.precision`).
+    ``explain``: False, True / ``auto``, ``template``, ``generated`` or ``both``
+    (:func:`geoloc.evidence.claims.resolve_explain`); GeoCLIP and exported models give the template chain.
     """
+    from geoloc.evidence.claims import resolve_explain
+    from geoloc.models.loading import is_torchscript
+
+    if model == "geoclip":
+        explain = resolve_explain(explain, False, what="--model geoclip") is not None  # no text decoder
+    if vlm and (model == "geoclip" or (Path(model).is_file() and is_torchscript(model))):
+        raise ValueError("--vlm applies to train.py checkpoints")
     if model == "geoclip":
         if refine != "none":
             raise ValueError("--model geoclip answers GeoCLIP's way (the best gallery point); --refine applies to "
@@ -111,8 +124,6 @@ def load_predictor(model: str, *, cells: str | None = None, refine: str = "none"
                                        explain=explain, ocr=ocr, decode=decode or "argmax",
                                        calibration=None if calibration in (None, "auto") else calibration,
                                        precision=precision or "32")
-    from geoloc.models.loading import is_torchscript
-
     if Path(model).is_file() and is_torchscript(model):
         if (refine != "none" or index is not None or gallery is not None or decode is not None or calibration
                 or precision):
@@ -127,7 +138,8 @@ def load_predictor(model: str, *, cells: str | None = None, refine: str = "none"
 
     return build_predictor(model, cells=cells, refine=refine, index=index, gallery=gallery, topk=topk or 5,
                            device=device, explain=explain, ocr=ocr if explain else False, decode=decode or "argmax",
-                           calibration="auto" if calibration is None else calibration, precision=precision or "32")
+                           calibration="auto" if calibration is None else calibration, precision=precision or "32",
+                           explain_beams=explain_beams, vlm=vlm)
 
 
 def format_text(r: dict) -> str:
@@ -189,8 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="photos decoded and predicted at a time")
     parser.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
-    parser.add_argument("--explain", action="store_true",
-                        help="the reasoning chain: scene, environment cues, region, each with its probability")
+    parser.add_argument("--explain", nargs="?", const="auto", default=None, metavar="MODE",
+                        help="the reasoning chain: scene, environment cues, region, each with its probability. MODE: "
+                        "template (filled from the model's outputs), generated (written by the model's text decoder, "
+                        "every claim checked against its outputs, unbacked ones dropped), both; default: both when "
+                        "the model has a text decoder, else template")
+    parser.add_argument("--vlm", default=None, metavar="FOLDER",
+                        help="with --explain: also ask a vision-language model saved in FOLDER (transformers, e.g. "
+                        "Qwen2.5-VL; never downloaded) for the chain; only the claims the model backs are shown")
+    parser.add_argument("--explain-beams", type=_positive_int, default=1,
+                        help="beams of the text decoder's search (default 1: greedy)")
     parser.add_argument("--ocr", action="store_true", help="with --explain: also read text in the photo and name "
                         "its script")
     parser.add_argument("--ocr-engine", default="auto", choices=("auto", "tesseract", "rapidocr"),
@@ -199,9 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = load_predictor(args.model, cells=args.cells, refine=args.refine, index=args.index,
                                    clip_weights=args.clip_weights, gallery=args.gallery, topk=args.topk,
-                                   device=args.device, explain=args.explain,
+                                   device=args.device, explain=args.explain or False,
                                    ocr=args.ocr_engine if args.ocr else False, decode=args.decode,
-                                   calibration=args.calibration, precision=args.precision)
+                                   calibration=args.calibration, precision=args.precision,
+                                   explain_beams=args.explain_beams, vlm=args.vlm)
     except (ImportError, *USER_ERRORS) as e:
         message = user_message(e) or str(e)
         if os.environ.get("GEOLOC_DEBUG"):

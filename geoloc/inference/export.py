@@ -14,7 +14,9 @@ geocell ids, ``topk_prob`` (B, k) their probabilities, ``cell_prob`` (B, C) ever
 (calibrated: ``softmax(cell_logits / T)``), ``cell_logits`` (B, C) the cell head's logits before
 calibration, ``embedding`` (B, D) the L2-normalized image embedding (for your own retrieval) and, for a
 model trained with evidence heads, ``evidence/<head>`` (B, K) their class probabilities (classes in
-``geoloc.json``).
+``geoloc.json``); for a model with a text decoder, ``text_tokens`` (B, T) int64, the chain it writes (greedy,
+``<bos>`` first, ``<pad>`` after ``<eos>``; the vocabulary in ``geoloc.json``) and ``text_probs`` (B, T) each
+token's probability under the decoder.
 
 The file holds the preprocessing (timm's evaluation transform in tensor ops: resize the short side to
 ``input_size / crop_pct``, centre crop, scale, normalize), the image encoder, the cell head, the cell
@@ -115,6 +117,7 @@ class ExportedGeolocator(nn.Module):
         self.precision = precision
         self.backbone = _Backbone(net, precision)
         self.evidence = net.evidence  # evidence heads: probabilities on the same features
+        self.text_decoder = net.text_decoder  # None without one (TorchScript then leaves its branch out)
         _, h, w = data_config["input_size"]
         self.crop_h, self.crop_w = int(h), int(w)
         self.scale_size = int(math.floor(min(h, w) / float(data_config.get("crop_pct", 1.0))))
@@ -192,6 +195,9 @@ class ExportedGeolocator(nn.Module):
         for key, value in outputs.items():
             if key.startswith("evidence/"):
                 out[key] = value
+        if self.text_decoder is not None:
+            tokens, token_probs = self.text_decoder.generate(features.float())
+            out["text_tokens"], out["text_probs"] = tokens, token_probs
         return out
 
     def place(self, outputs: dict[str, torch.Tensor], cells: torch.Tensor, in_cell_only: bool) -> torch.Tensor:
@@ -242,8 +248,14 @@ def exported_from_predictor(predictor) -> "tuple[ExportedGeolocator, dict]":
                                 place_in_cell=[bool(getattr(s, "restrict", True)) for s in predictor.scorers]).eval()
     t = model.cells.table
     names = {c: t[c].fillna("").astype(str).tolist() for c in CELL_NAME_COLUMNS if c in t.columns}
+    # the heads' cell evidence (the template chain's checks); with a text decoder every part's it may be checked on
+    checked = set(model.net.evidence)
+    if model.net.text_decoder is not None:
+        from geoloc.evidence.claims import HEAD_PARTS
+
+        checked |= set(HEAD_PARTS)
     cell_evidence = {h: [[int(v) for v in row] for row in t[f"evidence_{h}"]]
-                     for h in model.net.evidence if f"evidence_{h}" in t.columns}
+                     for h in HEADS if h in checked and f"evidence_{h}" in t.columns}
     scorers = {s.name: {k: v for k, v in s.describe().items() if k not in ("index", "gallery")}
                for s in predictor.scorers}
     meta = {
@@ -271,6 +283,14 @@ def exported_from_predictor(predictor) -> "tuple[ExportedGeolocator, dict]":
         "evidence": {h: list(HEADS[h]) for h in model.net.evidence},
         "cell_evidence": cell_evidence,  # per head, each cell's training photos over its classes (the checks)
     }
+    if model.net.text_decoder is not None:
+        from geoloc.evidence.captions import PARTS, caption_vocab
+
+        vocab = caption_vocab()
+        meta["outputs"].update(text_tokens="(B, T) int64 the text decoder's chain (greedy; text_vocab)",
+                               text_probs="(B, T) float32 each token's probability under the decoder")
+        # the closed vocabulary: CaptionVocab(values) rebuilds the same token ids (fingerprint to check)
+        meta["text_vocab"] = {"fingerprint": vocab.fingerprint, "values": {p: vocab.values_of(p) for p in PARTS}}
     return module, meta
 
 

@@ -97,7 +97,9 @@ class ExportedPredictor:
         topk: ranked cells per photo (at most the number the model was exported with); None: all of them.
         device: ``cpu`` or ``cuda``.
         explain: attach a reasoning chain per photo (:mod:`geoloc.evidence.verbalize`), from the cell
-            probabilities and the evidence heads the file returns.
+            probabilities and the evidence heads the file returns; ``template``, ``generated`` (the chain the
+            file's text decoder writes, every claim checked: :mod:`geoloc.evidence.claims`), ``both``, or True
+            (both when the file has a text decoder).
         ocr: with ``explain``, also read text in the photo (:mod:`geoloc.evidence.ocr`).
         name: report name.
     """
@@ -105,10 +107,15 @@ class ExportedPredictor:
     needs_images = True
 
     def __init__(self, path: str | Path, *, cells: str | Path | None = None, topk: int | None = None,
-                 device: str = "cpu", explain: bool = False, ocr: bool = False, name: str = "exported"):
+                 device: str = "cpu", explain: bool | str = False, ocr: bool = False, name: str = "exported"):
+        from geoloc.evidence.claims import resolve_explain
+
         self.path = Path(path)
-        self.name, self.device, self.explain = name, device, bool(explain)
+        self.name, self.device = name, device
         self.model, self.meta = read_exported(self.path, device=device)
+        self.explain_mode = resolve_explain(explain, "text_vocab" in self.meta, what=str(self.path))
+        self.explain = self.explain_mode is not None
+        self._vocab = None
         exported_k = int(self.meta.get("topk", 1))
         self.topk = exported_k if topk is None else int(topk)
         if not 1 <= self.topk <= exported_k:
@@ -179,11 +186,31 @@ class ExportedPredictor:
                           answer_cell=out["answer_cell"].astype(np.int64) if "answer_cell" in out else None,
                           answer_prob=out["answer_prob"].astype(np.float64) if "answer_prob" in out else None)
         if self.explain:
+            from geoloc.evidence.claims import combine_chains, decoder_chains
             from geoloc.evidence.verbalize import explain
 
-            text = [self.ocr.text_evidence(im) for im in images] if self.ocr is not None else None
-            pred.explanations = explain(out, pred, self.cells, ocr=text, refine=self.refine_label)
+            template = generated = None
+            if self.explain_mode in ("template", "both"):
+                text = [self.ocr.text_evidence(im) for im in images] if self.ocr is not None else None
+                template = explain(out, pred, self.cells, ocr=text, refine=self.refine_label)
+            if self.explain_mode in ("generated", "both"):
+                generated = decoder_chains(out["text_tokens"], out["text_probs"], out, self.cells, self.vocab)
+            pred.explanations = combine_chains(template, generated, self.explain_mode)
         return pred
+
+    @property
+    def vocab(self):
+        """The text decoder's vocabulary, rebuilt from ``geoloc.json`` (None without a decoder)."""
+        if self._vocab is None and "text_vocab" in self.meta:
+            from geoloc.evidence.captions import CaptionVocab
+
+            tv = self.meta["text_vocab"]
+            vocab = CaptionVocab(tv["values"])
+            if vocab.fingerprint != tv.get("fingerprint"):
+                raise ValueError(f"{self.path}: its text vocabulary does not rebuild to the fingerprint it records "
+                                 f"({vocab.fingerprint} vs {tv.get('fingerprint')}); export it again")
+            self._vocab = vocab
+        return self._vocab
 
     @property
     def refine(self) -> str:
@@ -210,6 +237,7 @@ class ExportedPredictor:
                 "backbone": self.meta.get("backbone"), "topk": self.topk,
                 "prototypes": bool(self.meta.get("prototypes")), "refine": self.refine,
                 "evidence_heads": self.evidence_heads,
-                "explain": self.explain, "ocr": self.ocr is not None, "decode": self.decode,
+                "explain": True if self.explain_mode == "template" else self.explain_mode or False,
+                "ocr": self.ocr is not None, "decode": self.decode,
                 "cell_temperature": self.temperature, "precision": str(self.meta.get("precision") or "32"),
                 "calibration": (self.meta.get("calibration") or {}).get("file")}

@@ -115,8 +115,13 @@ class ModelPredictor:
         batch_size: photos per forward pass.
         device: where inputs go; None: where the model is.
         compile: run the network through ``torch.compile`` (slower first batch, faster after).
-        explain: attach a reasoning chain to every answer (``Prediction.explanations``):
-            :mod:`geoloc.evidence.verbalize`.
+        explain: attach a reasoning chain to every answer (``Prediction.explanations``): ``template``
+            (:mod:`geoloc.evidence.verbalize`), ``generated`` (the text decoder's, every claim checked:
+            :mod:`geoloc.evidence.claims`), ``both``, or True (both for a model with a text decoder, else
+            the template).
+        explain_beams: beams of the text decoder's search (1: greedy).
+        vlm: with ``explain``, also ask a local vision-language model for the chain, checked the same way
+            (:class:`geoloc.evidence.vlm.VLMExplainer`, or the folder of a saved model; optional, GPU-sized).
         ocr: with ``explain``, also read text in the photo (:mod:`geoloc.evidence.ocr`): True (a reader is
             made on first use) or a :class:`~geoloc.evidence.ocr.TextReader`.
         name: report name.
@@ -132,8 +137,9 @@ class ModelPredictor:
 
     def __init__(self, model, scorers: Sequence = (), *, topk: int = 5, candidates: int = 10,
                  weights: dict | None = None, batch_size: int = 64, device: str | None = None, compile: bool = False,
-                 explain: bool = False, ocr=False, name: str = "model", refine_requested: str | None = None,
-                 decode: str = "argmax", calibration=None, precision: str = "32"):
+                 explain: bool | str = False, ocr=False, name: str = "model", refine_requested: str | None = None,
+                 decode: str = "argmax", calibration=None, precision: str = "32", explain_beams: int = 1,
+                 vlm=None):
         from geoloc.inference.calibration import Calibration
         from geoloc.retrieval.decode import decode_name, parse_decode
 
@@ -156,7 +162,16 @@ class ModelPredictor:
         self.precision = resolve_precision(precision, self.device)
         self.compiled = bool(compile)
         self._forward = compiled_forward(model.net, self.precision, self.device) if compile else model.net
-        self.explain = bool(explain)
+        from geoloc.evidence.claims import resolve_explain
+
+        self.explain_mode = resolve_explain(explain, model.net.text_decoder is not None, what=str(model.ckpt))
+        self.explain = self.explain_mode is not None
+        self.explain_beams = int(explain_beams)
+        if vlm is not None and not hasattr(vlm, "explain"):
+            from geoloc.evidence.vlm import VLMExplainer
+
+            vlm = VLMExplainer(vlm, device=self.device)
+        self.vlm = vlm
         self._ocr = ocr if ocr not in (None, False) else None
         self.refine = refine_name(names)
         self.refine_requested = refine_requested or self.refine
@@ -354,20 +369,52 @@ class ModelPredictor:
         return pred
 
     def explain_batch(self, out: dict[str, np.ndarray], pred: Prediction, images=None) -> list[dict]:
-        """A reasoning chain per photo from :meth:`forward`'s outputs and the answer :meth:`refine_batch` gave."""
+        """A reasoning chain per photo from :meth:`forward`'s outputs and the answer :meth:`refine_batch` gave:
+        the template chain, the text decoder's checked chain, or both (``explain``)."""
+        from geoloc.evidence.claims import combine_chains
         from geoloc.evidence.verbalize import explain
 
-        reader = self.ocr
-        text = [reader.text_evidence(im) for im in images] if reader is not None and images is not None else None
-        how = self.refine if self.decode == "argmax" else f"{self.refine}, decode={self.decode}"
-        return explain(out, pred, self.cells, ocr=text, refine=how)
+        template = generated = None
+        if self.explain_mode in ("template", "both") or (self.vlm is not None and images is not None):
+            reader = self.ocr
+            text = [reader.text_evidence(im) for im in images] if reader is not None and images is not None else None
+            how = self.refine if self.decode == "argmax" else f"{self.refine}, decode={self.decode}"
+            template = explain(out, pred, self.cells, ocr=text, refine=how)
+        if self.explain_mode in ("generated", "both"):
+            generated = self.generate_chains(out)
+        chains = combine_chains(template, generated, self.explain_mode)
+        if self.vlm is not None and images is not None:  # the VLM sees the photo and the model's own claims
+            for chain, v in zip(chains, self.vlm.explain(images, template, out, self.cells)):
+                chain["vlm"] = v
+                chain["text"] = (f"{chain['text']}\nWritten by {v['source']}, checked against the model:\n"
+                                 f"{v['text'] or '   (no claim backed)'}")
+        return chains
+
+    def generate_texts(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The text decoder's tokens and their probabilities ``(B, T)`` for backbone features ``(B, D)``."""
+        import torch
+
+        dec = self.net.text_decoder
+        f = torch.from_numpy(np.asarray(features, np.float32)).to(self.device)
+        with torch.inference_mode():
+            tokens, probs = dec.beam_search(f, beams=self.explain_beams) if self.explain_beams > 1 else dec.generate(f)
+        return tokens.cpu().numpy(), probs.float().cpu().numpy()
+
+    def generate_chains(self, out: dict[str, np.ndarray]) -> list[dict]:
+        """The text decoder's chain per photo, every claim checked against ``out`` (:mod:`geoloc.evidence.claims`)."""
+        from geoloc.evidence.claims import decoder_chains
+
+        tokens, probs = self.generate_texts(out["features"])
+        return decoder_chains(tokens, probs, out, self.cells)
 
     def describe(self) -> dict:
         run = self.model.run_config or {}
         d = {"name": self.name, "kind": "geoclip" if run.get("model") == "geoclip" else "model",
              "ckpt": str(self.ckpt), "cells": str(self.cells_path),
              "n_cells": len(self.cells), "backbone": self.net.image_encoder.name, "refine": self.refine,
-             "topk": self.topk, "compiled": self.compiled, "explain": self.explain, "ocr": self._ocr is not None,
+             "topk": self.topk, "compiled": self.compiled, "explain": (True if self.explain_mode == "template"
+                                                                              else self.explain_mode or False),
+             "ocr": self._ocr is not None, **({"vlm": self.vlm.name} if self.vlm is not None else {}),
              "decode": self.decode, "cell_temperature": self.temperature, "precision": self.precision,
              "calibration": None if self.calibration is None else self.calibration.source}
         if self.refine_requested != self.refine:
@@ -444,8 +491,8 @@ def build_predictor(ckpt: str | Path, *, refine: str = "none", scorers: Sequence
                     gallery_restrict: bool = True, gallery_backend: str = "blas", gallery_temperature: float = 0.05,
                     evidence_weights: dict | str | None = None, topk: int = 5, candidates: int = 10,
                     weights: dict | None = None, batch_size: int = 64, device: str = "cpu", compile: bool = False,
-                    explain: bool = False, ocr: bool = False, name: str = "model", decode: str = "argmax",
-                    calibration="auto", precision: str = "32") -> ModelPredictor:
+                    explain: bool | str = False, ocr: bool = False, name: str = "model", decode: str = "argmax",
+                    calibration="auto", precision: str = "32", explain_beams: int = 1, vlm=None) -> ModelPredictor:
     """Loads a checkpoint and its scorers' artifacts into a :class:`ModelPredictor`.
 
     Args:
@@ -467,7 +514,8 @@ def build_predictor(ckpt: str | Path, *, refine: str = "none", scorers: Sequence
         gallery_temperature: ``T`` of the gallery scores.
         evidence_weights: per-head weights of the evidence scorer, or the file ``python -m geoloc tune``
             wrote; None: 1 for every head.
-        topk, candidates, weights, batch_size, compile, explain, name: see :class:`ModelPredictor`.
+        topk, candidates, weights, batch_size, compile, explain, explain_beams, vlm, name: see
+            :class:`ModelPredictor`.
         device: ``cpu`` or ``cuda``.
         ocr: with ``explain``, read text in the photo (needs ``rapidocr-onnxruntime``).
         decode: ``argmax`` (the most probable candidate), ``geoscore``, ``distance`` or ``acc@<km>`` (the
@@ -520,7 +568,7 @@ def build_predictor(ckpt: str | Path, *, refine: str = "none", scorers: Sequence
     return ModelPredictor(model, made, topk=topk, candidates=candidates, weights=weights, batch_size=batch_size,
                           device=device, compile=compile, explain=explain, ocr=reader, name=name,
                           refine_requested=refine_name(requested), decode=decode, calibration=cal,
-                          precision=precision)
+                          precision=precision, explain_beams=explain_beams, vlm=vlm if explain else None)
 
 
 class _RepeatedRows(Mapping):

@@ -24,11 +24,14 @@ class GeoLocator(nn.Module):
             :class:`geoloc.models.geoclip.GallerySumHead`).
         cell_input: what the cell head reads: ``features`` (the backbone's) or ``image_emb`` (the projection
             into the location encoder's space).
+        text_decoder: the reasoning head that writes the chain from the same features
+            (:class:`~geoloc.models.text_decoder.TextDecoder`); run by the training loss and by generation, not
+            by :meth:`forward`.
     """
 
     def __init__(self, image_encoder: ImageEncoder, location_encoder: nn.Module, num_cells: int,
                  dropout: float = 0.0, evidence_heads: dict[str, int] | None = None, cell_head: nn.Module | None = None,
-                 cell_input: str = "features"):
+                 cell_input: str = "features", text_decoder: nn.Module | None = None):
         super().__init__()
         if cell_input not in ("features", "image_emb"):
             raise ValueError(f"cell_input must be 'features' or 'image_emb', got {cell_input!r}")
@@ -42,6 +45,7 @@ class GeoLocator(nn.Module):
         self.image_proj = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, location_encoder.out_features))
         self.num_cells = num_cells
         self.evidence = nn.ModuleDict({h: nn.Linear(d, int(k)) for h, k in (evidence_heads or {}).items()})
+        self.text_decoder = text_decoder
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Args: images ``[B, 3, H, W]``.
@@ -72,7 +76,7 @@ class GeoLocator(nn.Module):
 
 def build_geolocator(backbone: ImageEncoder, location_encoder: nn.Module, num_cells: int, dropout: float = 0.0,
                      evidence_heads: Mapping[str, float] | Sequence[str] | None = None,
-                     image_proj: str | None = None) -> GeoLocator:
+                     image_proj: str | None = None, text_decoder: Mapping | None = None) -> GeoLocator:
     """The network a config describes (``model.net``), and what :func:`~geoloc.models.loading.load_checkpoint`
     rebuilds from a run's saved config.
 
@@ -86,6 +90,8 @@ def build_geolocator(backbone: ImageEncoder, location_encoder: nn.Module, num_ce
             ``w > 0`` gets a head.
         image_proj: ``geoclip`` starts the projection into the location encoder's space from GeoCLIP's
             released image MLP (needs a backbone with CLIP's 768-d projection); None: random.
+        text_decoder: the text decoder's settings (:func:`~geoloc.models.text_decoder.build_text_decoder`:
+            ``width``, ``layers``, ``heads``, ``mlp_ratio``, ``dropout``, ``memory_tokens``); None: no decoder.
 
     Raises:
         ValueError: an unknown evidence head, or an unknown ``image_proj``.
@@ -99,7 +105,11 @@ def build_geolocator(backbone: ImageEncoder, location_encoder: nn.Module, num_ce
         weights = (dict(evidence_heads) if isinstance(evidence_heads, Mapping)
                    else dict.fromkeys(evidence_heads, 1.0))
         sizes = evidence_head_sizes(weights)
-    net = GeoLocator(backbone, location_encoder, num_cells=num_cells, dropout=dropout, evidence_heads=sizes)
+    from geoloc.models.text_decoder import build_text_decoder
+
+    decoder = build_text_decoder(backbone.num_features, dict(text_decoder) if text_decoder else None)
+    net = GeoLocator(backbone, location_encoder, num_cells=num_cells, dropout=dropout, evidence_heads=sizes,
+                     text_decoder=decoder)
     if image_proj == "geoclip":
         from geoloc.models.geoclip import load_geoclip_image_mlp
 

