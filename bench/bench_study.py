@@ -105,8 +105,10 @@ def study_cells(out: Path) -> Path:
     return cells
 
 
-def train(out: Path, cells: Path, name: str, r: int, overrides: list[str]) -> tuple[Path, float | None]:
-    """One train.py run on cached features (resumable: a finished run is kept); ``(best.ckpt, seconds)``."""
+def train(out: Path, cells: Path, name: str, r: int, overrides: list[str],
+          base: list[str] = BASE) -> tuple[Path, float | None]:
+    """One train.py run on cached features (resumable: a finished run is kept); ``(best.ckpt, seconds)``.
+    ``base``: the settings every study run shares (the checkpoint's monitor, the epochs)."""
     from geoloc.evidence.labels import HEADS
 
     tr, val, _ = rotation(r)
@@ -122,7 +124,7 @@ def train(out: Path, cells: Path, name: str, r: int, overrides: list[str]) -> tu
         seconds = _run([PY, "train.py", "experiment=im2gps3k_features", f"data.root={SHARED / 'im2gps3k-dev'}",
                         f"data.train_folds=[{','.join(map(str, tr))}]", f"data.val_folds=[{val}]", f"cells={cells}",
                         f"backbone={BACKBONE}", f"features.store.root={out / 'features'}", f"output_dir={run}",
-                        "trainer.enable_progress_bar=false", evidence, *BASE, *overrides], run.parent / f"{name}.log")
+                        "trainer.enable_progress_bar=false", evidence, *base, *overrides], run.parent / f"{name}.log")
         (run / "done").write_text(json.dumps({"seconds": round(seconds, 1)}))
     else:
         seconds = json.loads((run / "done").read_text() or "{}").get("seconds")

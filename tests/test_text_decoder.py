@@ -316,3 +316,14 @@ def test_the_exported_model_writes_and_checks_the_same_chain(tiny_text_run, tmp_
             assert a["decoder_probability"] == pytest.approx(b["decoder_probability"], abs=1e-3)
             if b["model_probability"] is not None:
                 assert a["model_probability"] == pytest.approx(b["model_probability"], abs=1e-3)
+
+
+def test_training_primes_every_photos_text_in_one_pass(tiny_text_run):
+    """A table source's texts are written when fitting starts; a batch's float32 points then hit them."""
+    module = tiny_text_run["objects"]["module"]
+    writer = module._captions
+    ds = tiny_text_run["objects"]["datamodule"].train_source
+    assert writer is not None and len(writer._memo) >= len(ds)
+    n = len(writer._memo)
+    writer(ds.latlng[:16].astype(np.float32), np.full(16, -1))
+    assert len(writer._memo) == n

@@ -269,7 +269,9 @@ class CaptionWriter:
         (negative: none)."""
         latlng = np.asarray(latlng, np.float64).reshape(-1, 2)
         scene = np.full(len(latlng), -1) if scene is None else np.asarray(scene).reshape(-1)
-        keys = [np.round(p, 6).tobytes() + int(s).to_bytes(2, "little", signed=True) for p, s in zip(latlng, scene)]
+        # keyed by the float32 coordinates: a batch's (float32) and its dataset's (float64) points are the same key
+        keys = [p.tobytes() + int(s).to_bytes(2, "little", signed=True)
+                for p, s in zip(latlng.astype(np.float32), scene)]
         todo = sorted({i for i, k in enumerate(keys) if k not in self._memo})
         if todo:
             s = scene[todo].astype(float)

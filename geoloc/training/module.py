@@ -117,6 +117,31 @@ class GeoLocModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         # bf16 on a CPU: explicit attention trains faster than the fused kernel there (geoloc.precision)
         self._unfused = training_attention(self.model, str(self.trainer.precision), self.device)
+        if self.weights["text"]:
+            self._prime_captions()
+
+    def _caption_writer(self):
+        if self._captions is None:
+            from geoloc.evidence.captions import CaptionWriter
+
+            self._captions = CaptionWriter()
+            if self._captions.vocab.fingerprint != self.model.text_decoder.vocab_fingerprint:
+                raise ValueError("the text decoder was built for another caption vocabulary")
+        return self._captions
+
+    def _prime_captions(self) -> None:
+        """Writes the text of every photo of a table or feature-cache source in one vectorized pass (a batch
+        then only looks its photos up); streamed shards are written batch by batch."""
+        from geoloc.data.features import FeatureCache
+        from geoloc.data.readers import GeoDataset
+        from geoloc.training.datamodule import table_evidence_labels
+
+        dm = getattr(self.trainer, "datamodule", None)
+        for source in (getattr(dm, "train_source", None), getattr(dm, "val_source", None)):
+            if isinstance(source, GeoDataset):
+                self._caption_writer()(source.latlng, table_evidence_labels(source, ["scene"])["scene"])
+            elif isinstance(source, FeatureCache):
+                self._caption_writer()(source.latlng, source.labels.get("scene"))
 
     def on_fit_end(self) -> None:
         for m in getattr(self, "_unfused", ()):  # the network leaves fitting as it came
@@ -140,16 +165,11 @@ class GeoLocModule(pl.LightningModule):
     def _text_tokens(self, batch: dict) -> torch.Tensor:
         """``[B, T]`` each photo's training text (:mod:`geoloc.evidence.captions`), from its coordinates and
         its scene label (``evidence/scene`` when the batch carries it)."""
-        if self._captions is None:
-            from geoloc.evidence.captions import CaptionWriter
-
-            self._captions = CaptionWriter()
-            if self._captions.vocab.fingerprint != self.model.text_decoder.vocab_fingerprint:
-                raise ValueError("the text decoder was built for another caption vocabulary")
+        captions = self._caption_writer()
         scene = batch.get("evidence/scene")
-        tokens = self._captions(batch["latlng"].detach().cpu().numpy(), None if scene is None else scene.cpu().numpy())
+        tokens = captions(batch["latlng"].detach().cpu().numpy(), None if scene is None else scene.cpu().numpy())
         tokens = torch.from_numpy(tokens).to(batch["latlng"].device)
-        return tokens[:, : int((tokens != self._captions.vocab.pad_id).sum(1).max())]  # no all-pad columns
+        return tokens[:, : int((tokens != captions.vocab.pad_id).sum(1).max())]  # no all-pad columns
 
     def _losses(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
         latlng = batch["latlng"]
