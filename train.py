@@ -113,9 +113,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
                   + (f"; {len(cache.skipped)} skipped" if cache.skipped else "") + ")")
     else:
         datamodule.set_data_config(net.image_encoder.data_config)
-    # the text decoder's training text names the scene: the batches carry its label even without a scene head
-    datamodule.set_evidence_heads(list(net.evidence) + (["scene"] if net.text_decoder is not None
-                                                        and "scene" not in net.evidence else []))
+    # the text decoder's training text is written from evidence labels: the batches carry them, head or not
+    carried = list(net.evidence)
+    if net.text_decoder is not None:
+        from geoloc.evidence.captions import CAPTION_HEADS
+
+        carried += [h for h in CAPTION_HEADS if h not in carried]
+    datamodule.set_evidence_heads(carried)
 
     # trainer.precision=auto: bf16-mixed where the accelerator computes bfloat16 natively, else 32-true (the
     # run's config.yaml records which)

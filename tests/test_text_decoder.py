@@ -66,6 +66,12 @@ def test_captions_are_memoized_per_point_and_padded():
     assert a.shape == (len(POINTS), w.max_tokens) and (a[:, 0] == w.vocab.bos_id).all()
     np.testing.assert_array_equal(a[::-1], b)
     assert ((a == w.vocab.eos_id).sum(1) == 1).all()
+    # written from labels a batch carries (shards store them), the texts are the same
+    from geoloc.evidence.labels import evidence_labels
+
+    scene = np.array([2, 2, 1, 0, 2, np.nan, 1])
+    labels = evidence_labels(POINTS, scene=scene)
+    np.testing.assert_array_equal(CaptionWriter()(POINTS, labels={h: labels[h].to_numpy() for h in labels}), a)
 
 
 def test_parsing_the_rendered_text_gives_the_claims_of_its_tokens():
@@ -327,3 +333,21 @@ def test_training_primes_every_photos_text_in_one_pass(tiny_text_run):
     n = len(writer._memo)
     writer(ds.latlng[:16].astype(np.float32), np.full(16, -1))
     assert len(writer._memo) == n
+
+
+def test_text_batch_trains_the_decoder_on_the_first_photos_of_a_batch(tiny_text_run):
+    module = tiny_text_run["objects"]["module"]
+    rng = np.random.default_rng(0)
+    latlng = torch.tensor(np.column_stack([rng.uniform(40, 50, 6), rng.uniform(0, 10, 6)]), dtype=torch.float32)
+    batch = {"latlng": latlng, "evidence/scene": torch.full((6,), -1)}
+    out = {"features": torch.randn(6, module.model.image_encoder.num_features)}
+    tokens = module._text_tokens(batch)
+    with torch.no_grad():
+        part = module._text_loss(batch, out, 2)
+        whole = module._text_loss(batch, out)
+        assert part == pytest.approx(float(module.model.text_decoder.loss(out["features"][:2], tokens[:2])))
+        assert whole == pytest.approx(float(module.model.text_decoder.loss(out["features"], tokens)))
+    from geoloc.training.module import GeoLocModule
+
+    with pytest.raises(ValueError, match="text_batch"):
+        GeoLocModule(module.model, tiny_text_run["objects"]["cells"], optimizer=torch.optim.AdamW, text_batch=0)

@@ -14,7 +14,7 @@ from geoloc.data.readers import read_sample
 from geoloc.data.sample import ensure_sample
 from geoloc.data.shards import write_shards
 
-from .conftest import REPO
+from .conftest import REPO, TINY_TEXT_DECODER
 
 TINY = ["backbone=test_vit", "model.location_encoder.hidden=32", "model.location_encoder.dim=16",
         "model.location_encoder.sigmas=[1,16]", "model.location_encoder.n_frequencies=16",
@@ -156,7 +156,7 @@ def test_ddp_two_cpu_processes_see_disjoint_shards(sample, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "train.py", *TINY, "trainer=ddp_cpu", "debug=keys", "logger=none", f"cells={cells}",
            "data=shards", f"data.dir={shards}", "trainer.max_epochs=1", f"output_dir={out}",
-           "data.datamodule.epoch_size=48"]
+           "data.datamodule.epoch_size=48", TINY_TEXT_DECODER]  # the text decoder trains under DDP too
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -164,6 +164,8 @@ def test_ddp_two_cpu_processes_see_disjoint_shards(sample, tmp_path):
     k1 = Path(out / "keys_rank1.txt").read_text().split()
     assert len(k0) == len(k1) == 48  # epoch_size keeps the ranks in step
     assert not set(k0) & set(k1)  # each rank streams its own shards
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert any(k.startswith("model.text_decoder.") for k in state)
 
 
 def _sample(latlng, key, **labels) -> dict:

@@ -45,6 +45,9 @@ PARTS: dict[str, str] = {"scene": "scene", "koppen": "environment", "land_cover"
                          "coast": "environment", "driving_side": "environment", "script": "environment",
                          "place": "region", "admin1": "region", "country": "region", "continent": "region"}
 STAGE_WORDS = {"scene": "Scene:", "environment": "Environment:", "region": "Region:"}
+#: The evidence labels a text is written from (with the boundaries and the places): batches that carry them
+#: (shards store every head's) spare the training process the label rasters.
+CAPTION_HEADS = ("scene", "koppen", "land", "land_cover", "coast", "driving_side", "script", "continent")
 #: The words around each part's value: ``(before, after)``.
 _FRAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "scene": ((), ()),
@@ -88,6 +91,17 @@ def _place_tree():
     from geoloc.geo import latlng_to_xyz
 
     return cKDTree(latlng_to_xyz(_places()[1]))
+
+
+@functools.lru_cache(maxsize=1)
+def _regions() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(country, admin1_name, level)`` of every region of the committed boundaries, in the admin lookup's order
+    (read once per process)."""
+    from geoloc.geo.boundaries import admin_boundaries_path, load_boundaries
+
+    b = load_boundaries(admin_boundaries_path())
+    return (b["country"].fillna("").astype(str).to_numpy(dtype=object),
+            b["admin1_name"].fillna("").astype(str).to_numpy(dtype=object), b["level"].to_numpy())
 
 
 def admin1_value(name: str, country: str) -> str:
@@ -166,37 +180,35 @@ class CaptionVocab:
 @functools.lru_cache(maxsize=1)
 def caption_vocab() -> CaptionVocab:
     """The vocabulary, built once per process from the committed boundaries and the GeoNames places."""
-    from geoloc.geo.boundaries import admin_boundaries_path, load_boundaries
-
-    b = load_boundaries(admin_boundaries_path())
-    countries = sorted(set(b["country"].dropna().astype(str)) - {""})
-    admin1 = sorted({admin1_value(str(n), str(c)) for n, c in zip(b["admin1_name"], b["country"])
-                     if isinstance(n, str) and isinstance(c, str) and n and c})
+    country, name1, _ = _regions()
+    countries = sorted(set(country) - {""})
+    admin1 = sorted({admin1_value(n, c) for n, c in zip(name1, country) if n and c})
     values = {h: list(HEADS[h]) for h in ("scene", "koppen", "land_cover", "coast", "driving_side", "script",
                                           "continent")}
     values.update(country=countries, admin1=admin1, place=list(_places()[0]))
     return CaptionVocab(values)
 
 
-def caption_parts(latlng, scene=None) -> list[dict[str, str]]:
+def caption_parts(latlng, scene=None, labels=None) -> list[dict[str, str]]:
     """Every part's value for each point (:data:`PARTS`; a part without a value is absent).
 
     Args:
         latlng: ``(N, 2)`` degrees.
         scene: optional ``(N,)`` Places365 ``S3_Label`` values (0 indoor, 1 natural, 2 urban).
+        labels: the points' evidence labels ``{head: (N,)}`` for every head of :data:`CAPTION_HEADS` (-1
+            masked), as :func:`~geoloc.evidence.labels.evidence_labels` gives them; None: looked up (``scene``
+            is then used).
     """
     from geoloc.evidence.labels import evidence_labels
     from geoloc.geo import EARTH_RADIUS_KM, latlng_to_xyz, validate_latlng
-    from geoloc.geo.boundaries import admin_boundaries_path, load_boundaries
     from geoloc.geo.countries import default_admin_lookup
 
     latlng = validate_latlng(latlng, what="captions")
-    labels = evidence_labels(latlng, scene=scene)
+    if labels is None:
+        labels = evidence_labels(latlng, scene=scene)
+    labels = {h: np.asarray(labels[h]).reshape(-1) for h in CAPTION_HEADS}
     region = default_admin_lookup().regions(latlng)
-    b = load_boundaries(admin_boundaries_path())
-    country = b["country"].fillna("").astype(str).to_numpy(dtype=object)
-    name1 = b["admin1_name"].fillna("").astype(str).to_numpy(dtype=object)
-    level = b["level"].to_numpy()
+    country, name1, level = _regions()
     chord, nearest = _place_tree().query(latlng_to_xyz(latlng))
     dist_km = 2.0 * EARTH_RADIUS_KM * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))
     places = _places()[0]
@@ -204,10 +216,10 @@ def caption_parts(latlng, scene=None) -> list[dict[str, str]]:
     for i in range(len(latlng)):
         parts: dict[str, str] = {}
         for head in ("scene", "koppen", "land_cover", "coast", "driving_side", "script", "continent"):
-            k = int(labels[head].iat[i])
+            k = int(labels[head][i])
             if k >= 0:
                 parts[head] = HEADS[head][k]
-        if labels["land"].iat[i] == 0:  # at sea: no land cover worth saying
+        if labels["land"][i] == 0:  # at sea: no land cover worth saying
             parts.pop("land_cover", None)
         r = int(region[i])
         if r >= 0 and country[r]:
@@ -264,10 +276,14 @@ class CaptionWriter:
         self.max_tokens = int(max_tokens)
         self._memo: dict[bytes, np.ndarray] = {}
 
-    def __call__(self, latlng, scene=None) -> np.ndarray:
+    def __call__(self, latlng, scene=None, labels=None) -> np.ndarray:
         """``(N, max_tokens)`` int64 token ids for points ``(N, 2)`` and optional scene labels ``(N,)``
-        (negative: none)."""
+        (negative: none); ``labels``: the points' evidence labels, when known (:func:`caption_parts`; their
+        ``scene`` is then the scene)."""
         latlng = np.asarray(latlng, np.float64).reshape(-1, 2)
+        if labels is not None:
+            labels = {h: np.asarray(labels[h]).reshape(-1) for h in CAPTION_HEADS}
+            scene = labels["scene"]
         scene = np.full(len(latlng), -1) if scene is None else np.asarray(scene).reshape(-1)
         # keyed by the float32 coordinates: a batch's (float32) and its dataset's (float64) points are the same key
         keys = [p.tobytes() + int(s).to_bytes(2, "little", signed=True)
@@ -276,7 +292,8 @@ class CaptionWriter:
         if todo:
             s = scene[todo].astype(float)
             s[s < 0] = np.nan
-            for i, parts in zip(todo, caption_parts(latlng[todo], scene=s)):
+            known = None if labels is None else {h: v[todo] for h, v in labels.items()}
+            for i, parts in zip(todo, caption_parts(latlng[todo], scene=s, labels=known)):
                 row = np.full(self.max_tokens, self.vocab.pad_id, np.int64)
                 ids = caption_tokens(parts, self.vocab)[: self.max_tokens]
                 row[: len(ids)] = ids

@@ -170,11 +170,15 @@ class TextDecoder(nn.Module):
         h, target = h[keep], target[keep]
         group = self.token_group[target]
         total = F.cross_entropy(self.group_head(h).float(), group, reduction="sum")
-        for k, (a, b) in enumerate(self.groups):
-            m = group == k
-            if bool(m.any()):
-                logits = F.linear(h[m], self.embed.weight[a:b]).float()
-                total = total + F.cross_entropy(logits, target[m] - a, reduction="sum")
+        # positions sorted by group and split (views), the output layer split by group: each group's logits
+        # from its own rows and weights, with no per-group masks or full-size gradient buffers
+        order = torch.argsort(group)
+        counts = torch.bincount(group, minlength=len(self.groups)).tolist()
+        hs, ts = torch.split(h[order], counts), torch.split(target[order], counts)
+        ws = torch.split(self.embed.weight, [b - a for a, b in self.groups])
+        for k, (a, _) in enumerate(self.groups):
+            if counts[k]:
+                total = total + F.cross_entropy(F.linear(hs[k], ws[k]).float(), ts[k] - a, reduction="sum")
         return total / max(1, len(target))
 
     def _step(self, tok: torch.Tensor, t: int, memory: list[tuple[torch.Tensor, torch.Tensor]],

@@ -70,11 +70,13 @@ class GeoLocModule(pl.LightningModule):
         warmup_steps: linear warmup before the cosine decay (which spans the whole run).
         evidence_weights: ``{head: w}``: cross-entropy of each evidence head of the model against the
             batch's ``evidence/<head>`` labels (masked labels, -1, left out), weighted into the loss.
+        text_batch: the text loss on the first ``text_batch`` photos of each training batch only (None: all): the
+            decoder's share of a step for a CPU budget; batches are shuffled, so every photo's text is learned.
     """
 
     def __init__(self, model: GeoLocator, cells: Geocells, optimizer: Callable, tau_km: float = 65.0,
                  loss_weights: dict | None = None, queue_size: int = 4096, temperature: float = 0.07,
-                 warmup_steps: int = 100, evidence_weights: dict | None = None):
+                 warmup_steps: int = 100, evidence_weights: dict | None = None, text_batch: int | None = None):
         super().__init__()
         self.cells_fingerprint = cells.fingerprint()
         loss_weights = {str(k): float(v) for k, v in (loss_weights or {}).items()}  # plain types only, so
@@ -82,7 +84,11 @@ class GeoLocModule(pl.LightningModule):
         self.save_hyperparameters({"tau_km": float(tau_km), "loss_weights": loss_weights,
                                    "queue_size": int(queue_size), "temperature": float(temperature),
                                    "warmup_steps": int(warmup_steps),
-                                   "evidence_weights": {str(k): float(v) for k, v in (evidence_weights or {}).items()}})
+                                   "evidence_weights": {str(k): float(v) for k, v in (evidence_weights or {}).items()},
+                                   "text_batch": None if text_batch is None else int(text_batch)})
+        if text_batch is not None and int(text_batch) < 1:
+            raise ValueError(f"text_batch must be at least 1 (or null for every photo), got {text_batch}")
+        self.text_batch = None if text_batch is None else int(text_batch)
         self.model = model
         self.cell_loss = HaversineSmoothingLoss(torch.tensor(cells.centroids, dtype=torch.float32), tau_km=tau_km)
         self.gps_loss = GPSContrastiveLoss(init_temperature=temperature)
@@ -134,14 +140,15 @@ class GeoLocModule(pl.LightningModule):
         then only looks its photos up); streamed shards are written batch by batch."""
         from geoloc.data.features import FeatureCache
         from geoloc.data.readers import GeoDataset
+        from geoloc.evidence.captions import CAPTION_HEADS
         from geoloc.training.datamodule import table_evidence_labels
 
         dm = getattr(self.trainer, "datamodule", None)
         for source in (getattr(dm, "train_source", None), getattr(dm, "val_source", None)):
             if isinstance(source, GeoDataset):
-                self._caption_writer()(source.latlng, table_evidence_labels(source, ["scene"])["scene"])
+                self._caption_writer()(source.latlng, labels=table_evidence_labels(source, CAPTION_HEADS))
             elif isinstance(source, FeatureCache):
-                self._caption_writer()(source.latlng, source.labels.get("scene"))
+                self._caption_writer()(source.latlng, labels=source.labels)
 
     def on_fit_end(self) -> None:
         for m in getattr(self, "_unfused", ()):  # the network leaves fitting as it came
@@ -163,13 +170,27 @@ class GeoLocModule(pl.LightningModule):
         return self.model(batch["image"])
 
     def _text_tokens(self, batch: dict) -> torch.Tensor:
-        """``[B, T]`` each photo's training text (:mod:`geoloc.evidence.captions`), from its coordinates and
-        its scene label (``evidence/scene`` when the batch carries it)."""
+        """``[B, T]`` each photo's training text (:mod:`geoloc.evidence.captions`), from its coordinates and the
+        evidence labels the batch carries (train.py has it carry every one a text needs)."""
+        from geoloc.evidence.captions import CAPTION_HEADS
+
         captions = self._caption_writer()
-        scene = batch.get("evidence/scene")
-        tokens = captions(batch["latlng"].detach().cpu().numpy(), None if scene is None else scene.cpu().numpy())
+        latlng = batch["latlng"].detach().cpu().numpy()
+        if all(f"evidence/{h}" in batch for h in CAPTION_HEADS):
+            tokens = captions(latlng, labels={h: batch[f"evidence/{h}"].cpu().numpy() for h in CAPTION_HEADS})
+        else:
+            scene = batch.get("evidence/scene")
+            tokens = captions(latlng, None if scene is None else scene.cpu().numpy())
         tokens = torch.from_numpy(tokens).to(batch["latlng"].device)
         return tokens[:, : int((tokens != captions.vocab.pad_id).sum(1).max())]  # no all-pad columns
+
+    def _text_loss(self, batch: dict, out: dict, n: int | None = None) -> torch.Tensor:
+        """The text decoder's loss on the first ``n`` photos of the batch (None: all)."""
+        tokens = self._text_tokens(batch)
+        features = out["features"]
+        if n is not None:
+            tokens, features = tokens[:n], features[:n]
+        return self.model.text_decoder.loss(features, tokens)
 
     def _losses(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
         latlng = batch["latlng"]
@@ -187,7 +208,7 @@ class GeoLocModule(pl.LightningModule):
             losses.update(loss_gps=g["loss"], gps_acc=g["acc"], logit_scale=g["logit_scale"])
             total = total + self.weights["gps"] * g["loss"]
         if self.weights["text"]:
-            losses["loss_text"] = self.model.text_decoder.loss(out["features"], self._text_tokens(batch))
+            losses["loss_text"] = self._text_loss(batch, out, self.text_batch if self.training else None)
             total = total + self.weights["text"] * losses["loss_text"]
         for head, w in self.evidence_weights.items():
             labels = batch.get(f"evidence/{head}")
@@ -236,8 +257,7 @@ class GeoLocModule(pl.LightningModule):
             cell = self.cell_loss(out["cell_logits"], batch["latlng"], cell_ids=batch.get("cell"))
             self.log("val/loss_cell", cell["loss"], batch_size=bs, sync_dist=True)
         if self.weights["text"]:
-            text = self.model.text_decoder.loss(out["features"], self._text_tokens(batch))
-            self.log("val/loss_text", text, batch_size=bs, sync_dist=True)
+            self.log("val/loss_text", self._text_loss(batch, out), batch_size=bs, sync_dist=True)
         for head in self.evidence_weights:
             labels = batch.get(f"evidence/{head}")
             if labels is not None and (labels >= 0).any():
