@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= outputs/demo
 
-.PHONY: install test demo lint bench clean-demo ocr
+.PHONY: install test test-formats demo lint bench clean-demo ocr
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit("geoloc needs Python >= 3.11, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not formats"
+
+# The ONNX export's tests (marked formats): a suite of its own so that make test stays within 10 minutes
+test-formats: $(STAMP)
+	$(PY) -m pytest -q -m formats
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -7,6 +7,7 @@
     geoloc-predict photo.jpg --model ... --explain generated             # the text decoder's, every claim checked
     geoloc-predict photo.jpg --model ... --decode geoscore               # the answer with the best expected score
     geoloc-predict photo.jpg --model model.pt [--explain]               # an exported model (geoloc.inference.export)
+    geoloc-predict photo.jpg --model model.onnx [--explain]             # ... its ONNX file, through onnxruntime
 
 Prints the predicted location, the top geocells with their country, region and probability, and the
 GPS position in the photo's EXIF when there is one, with its distance from the prediction. A checkpoint's
@@ -98,7 +99,7 @@ def load_predictor(model: str, *, cells: str | None = None, refine: str = "none"
                    device: str = "cpu", explain: bool | str = False, ocr: bool | str = False, decode: str | None = None,
                    calibration: str | None = None, precision: str | None = None, explain_beams: int = 1,
                    vlm: str | None = None):
-    """A predictor for ``--model``: ``geoclip`` (GeoCLIP's released model), an exported TorchScript file or a
+    """A predictor for ``--model``: ``geoclip`` (GeoCLIP's released model), an exported TorchScript or ONNX file or a
     ``train.py`` checkpoint (the last two told apart by content, not by name).
 
     ``decode`` (None: ``argmax``) and ``calibration`` (None: ``auto`` for a checkpoint, none for GeoCLIP; a
@@ -112,7 +113,10 @@ def load_predictor(model: str, *, cells: str | None = None, refine: str = "none"
 
     if model == "geoclip":
         explain = resolve_explain(explain, False, what="--model geoclip") is not None  # no text decoder
-    if vlm and (model == "geoclip" or (Path(model).is_file() and is_torchscript(model))):
+    from geoloc.inference.exported import is_onnx
+
+    exported = Path(model).is_file() and (is_torchscript(model) or is_onnx(model))
+    if vlm and (model == "geoclip" or exported):
         raise ValueError("--vlm applies to train.py checkpoints")
     if model == "geoclip":
         if refine != "none":
@@ -124,16 +128,17 @@ def load_predictor(model: str, *, cells: str | None = None, refine: str = "none"
                                        explain=explain, ocr=ocr, decode=decode or "argmax",
                                        calibration=None if calibration in (None, "auto") else calibration,
                                        precision=precision or "32")
-    if Path(model).is_file() and is_torchscript(model):
+    if exported:
         if (refine != "none" or index is not None or gallery is not None or decode is not None or calibration
                 or precision):
             raise ValueError(f"{model}: an exported model refines, calibrates and decodes as it was exported (python "
                              "-m geoloc export refine=... predictor.decode=... predictor.precision=...); --refine, "
                              "--index, --gallery, --decode, --calibration and --precision apply to train.py "
                              "checkpoints")
-        from geoloc.inference.exported import ExportedPredictor
+        from geoloc.inference.exported import ExportedPredictor, OnnxPredictor
 
-        return ExportedPredictor(model, cells=cells, topk=topk, device=device, explain=explain, ocr=ocr)
+        kind = OnnxPredictor if is_onnx(model) else ExportedPredictor
+        return kind(model, cells=cells, topk=topk, device=device, explain=explain, ocr=ocr)
     from geoloc.inference.predictor import build_predictor
 
     return build_predictor(model, cells=cells, refine=refine, index=index, gallery=gallery, topk=topk or 5,

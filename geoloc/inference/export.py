@@ -41,6 +41,17 @@ reasoning chain without the cells file (:class:`geoloc.inference.exported.Export
 
 An exported file is TorchScript: code, by nature. Load only files you trust (see the README's "Trust and
 safety").
+
+**ONNX** (:func:`export_onnx`; ``python -m geoloc export ... format=onnx|both``): the same module, inputs and
+outputs (text decoder aside: its decoding loop stays TorchScript's), batch, height and width dynamic, through
+PyTorch's ``torch.export``-based exporter at opset 18 (``Resize`` with antialiasing, as the preprocessing
+needs). ``geoloc.json`` is the model's ``geoloc.json`` metadata property, with the cells' centroids added, so
+onnxruntime alone runs it and names its cells::
+
+    import json, onnxruntime as ort
+    s = ort.InferenceSession("model.onnx")
+    meta = json.loads(s.get_modelmeta().custom_metadata_map["geoloc.json"])
+    out = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"images": images_uint8})))
 """
 
 import json
@@ -150,16 +161,20 @@ class ExportedGeolocator(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError("expected uint8 images of shape (B, 3, H, W)")
         x = images.to(torch.float32) / 255.0
-        h, w = int(x.shape[2]), int(x.shape[3])
-        if h <= w:
-            nh, nw = self.scale_size, int(self.scale_size * w / h)
-        else:
-            nh, nw = int(self.scale_size * h / w), self.scale_size
+        # integer arithmetic only, without branches, so that ONNX keeps H and W dynamic: the short side to
+        # scale_size, the long one floor(scale_size * long / short); the centre crop's offset is
+        # round((n - crop) / 2) with round-half-to-even, as torchvision's (d // 2, plus 1 when d % 4 == 3)
+        h, w = x.shape[2], x.shape[3]
+        short = min(h, w)
+        nh, nw = self.scale_size * h // short, self.scale_size * w // short
         x = F.interpolate(x, size=[nh, nw], mode=self.mode, align_corners=False, antialias=True)
-        top = int(round((nh - self.crop_h) / 2.0))
-        left = int(round((nw - self.crop_w) / 2.0))
-        x = x[:, :, top:top + self.crop_h, left:left + self.crop_w].clamp(0.0, 1.0)
-        return (x - self.mean) / self.std
+        dh, dw = nh - self.crop_h, nw - self.crop_w
+        top, left = dh // 2 + (dh % 4) // 3, dw // 2 + (dw % 4) // 3
+        return (self.crop(x, top, left).clamp(0.0, 1.0) - self.mean) / self.std
+
+    def crop(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        """The ``crop_h x crop_w`` window at ``(top, left)``."""
+        return x.narrow(2, top, self.crop_h).narrow(3, left, self.crop_w)
 
     def rank(self, features: torch.Tensor, logits: torch.Tensor, image_emb: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cell ranking, reranking and the answer from the network's outputs (what :meth:`forward` does
@@ -345,6 +360,106 @@ def script(module: "ExportedGeolocator") -> torch.jit.ScriptModule:
             module.backbone = backbone
 
 
+#: The ONNX opset: 18 is the first whose ``Resize`` antialiases (the preprocessing's resize does).
+ONNX_OPSET = 18
+
+
+class _OnnxExportedGeolocator(ExportedGeolocator):
+    """The same module, with the crop's bounds stated for ``torch.export`` (TorchScript never compiles this)."""
+
+    def crop(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        torch._check(top >= 0)
+        torch._check(left >= 0)
+        torch._check(top + self.crop_h <= x.shape[2])
+        torch._check(left + self.crop_w <= x.shape[3])
+        return super().crop(x, top, left)
+
+
+def _onnx_sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
+    """``aten.sort(stable=True)`` as ONNX ``TopK`` over the whole axis (which breaks ties by the lower index,
+    as a stable sort does)."""
+    from onnxscript import opset18 as op
+
+    k = op.Shape(self, start=dim, end=dim + 1) if dim != -1 else op.Shape(self, start=-1)  # the axis's length
+    return op.TopK(self, k, axis=dim, largest=1 if descending else 0, sorted=1)
+
+
+def _onnx_asin(self):
+    """``asin`` for onnxruntime, whose CPU ``Asin`` (and ``Atan``) take float32 only while the decode's
+    distances are float64: float32's ``asin`` refined by two Newton steps on ``sin(y) = x`` in the input's type
+    (where ``cos(y)`` is not near 0, i.e. away from antipodal points)."""
+    from onnxscript import opset18 as op
+
+    y = op.CastLike(op.Asin(op.Cast(self, to=1)), self)  # to=1: FLOAT
+    for _ in range(2):
+        c = op.Cos(y)
+        step = op.Div(op.Sub(op.Sin(y), self), c)
+        y = op.Where(op.Greater(c, op.CastLike(1e-3, self)), op.Sub(y, step), y)
+    return y
+
+
+def export_onnx(ckpt, out: str | Path, **kwargs) -> tuple[Path, dict]:
+    """Writes the ONNX file atomically; returns its path and metadata (``geoloc.json``, also inside the file).
+
+    Args: as :func:`export`. The text decoder, when the model has one, is left out (``meta["text_decoder"]``
+    says so): its generation loop is data-dependent, which the ONNX exporter does not take.
+
+    Raises:
+        ModuleNotFoundError: ``onnx`` or ``onnxscript`` is missing (``pip install -e '.[onnx]'``).
+    """
+    import warnings
+
+    for package in ("onnx", "onnxscript"):
+        import importlib.util
+
+        if importlib.util.find_spec(package) is None:
+            raise ModuleNotFoundError(f"ONNX export needs the '{package}' package; install it with "
+                                      "`pip install -e '.[onnx]'`", name=package)
+    import onnx
+
+    module, meta = _module_and_meta(ckpt, kwargs)
+    module.__class__ = _OnnxExportedGeolocator
+    module.text_decoder = None
+    if "text_vocab" in meta:
+        meta.pop("text_vocab")
+        for k in ("text_tokens", "text_probs"):
+            meta["outputs"].pop(k, None)
+        meta["text_decoder"] = "not in the ONNX file (its decoding loop); the TorchScript export has it"
+    meta["format"] = "onnx"
+    meta["centroids"] = module.centroids.tolist()
+    h, w = module.crop_h, module.crop_w
+    example = torch.randint(0, 256, (2, 3, h + 17, w + 5), dtype=torch.uint8)
+    with torch.no_grad():
+        names = list(module(example))
+    meta["output_names"] = names
+    dims = ({0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=16, max=16384),
+             3: torch.export.Dim("width", min=16, max=16384)},)
+    with atomic_path(out, suffix=".onnx") as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates its steps
+            torch.onnx.export(module, (example,), str(tmp), input_names=["images"], output_names=names,
+                              dynamic_shapes=dims, opset_version=ONNX_OPSET, dynamo=True, external_data=False,
+                              custom_translation_table={torch.ops.aten.sort.stable: _onnx_sort_stable,
+                                                        torch.ops.aten.asin.default: _onnx_asin})
+        model = onnx.load(str(tmp))
+        model.metadata_props.add(key="geoloc.json", value=json.dumps(meta))
+        onnx.save(model, str(tmp))
+    return Path(out), meta
+
+
+def _module_and_meta(ckpt, kwargs: dict) -> "tuple[ExportedGeolocator, dict]":
+    from geoloc.inference.predictor import ModelPredictor
+
+    if isinstance(ckpt, ModelPredictor):
+        if kwargs:
+            raise ValueError(f"export(predictor, ...) takes its settings from the predictor, not {sorted(kwargs)}")
+        return exported_from_predictor(ckpt)
+    return build_exported(ckpt, **kwargs)
+
+
 def export(ckpt, out: str | Path, **kwargs) -> tuple[Path, dict]:
     """Writes the TorchScript file atomically; returns its path and metadata.
 
@@ -353,14 +468,7 @@ def export(ckpt, out: str | Path, **kwargs) -> tuple[Path, dict]:
             :class:`~geoloc.inference.predictor.ModelPredictor` (no ``kwargs``).
         out: the ``.pt`` file.
     """
-    from geoloc.inference.predictor import ModelPredictor
-
-    if isinstance(ckpt, ModelPredictor):
-        if kwargs:
-            raise ValueError(f"export(predictor, ...) takes its settings from the predictor, not {sorted(kwargs)}")
-        module, meta = exported_from_predictor(ckpt)
-    else:
-        module, meta = build_exported(ckpt, **kwargs)
+    module, meta = _module_and_meta(ckpt, kwargs)
     import warnings
 
     scripted = script(module)

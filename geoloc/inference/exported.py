@@ -105,6 +105,7 @@ class ExportedPredictor:
     """
 
     needs_images = True
+    kind = "exported"
 
     def __init__(self, path: str | Path, *, cells: str | Path | None = None, topk: int | None = None,
                  device: str = "cpu", explain: bool | str = False, ocr: bool = False, name: str = "exported"):
@@ -112,7 +113,7 @@ class ExportedPredictor:
 
         self.path = Path(path)
         self.name, self.device = name, device
-        self.model, self.meta = read_exported(self.path, device=device)
+        self.model, self.meta = self._load(device)
         self.explain_mode = resolve_explain(explain, "text_vocab" in self.meta, what=str(self.path))
         self.explain = self.explain_mode is not None
         self._vocab = None
@@ -129,8 +130,23 @@ class ExportedPredictor:
 
             self.ocr = make_reader(ocr)
 
+    def _load(self, device: str):
+        """``(model, geoloc.json)`` of the file."""
+        return read_exported(self.path, device=device)
+
+    @property
+    def centroids(self) -> np.ndarray:
+        """``(C, 2)`` the cells' centroids the file carries."""
+        return self.model.centroids.detach().cpu().numpy().astype(np.float64)
+
+    def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The file on one uint8 ``(B, 3, H, W)`` array."""
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(images).to(self.device))
+        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+
     def _cells(self, cells):
-        centroids = self.model.centroids.detach().cpu().numpy().astype(np.float64)
+        centroids = self.centroids
         stored = self.meta.get("cells_fingerprint")
         if cells is not None:
             from geoloc.geo.cells import Geocells
@@ -163,15 +179,12 @@ class ExportedPredictor:
         for i, a in enumerate(arrays):
             groups.setdefault(a.shape[:2], []).append(i)
         outs: dict[str, np.ndarray] = {}
-        with torch.inference_mode():
-            for idx in groups.values():
-                x = torch.from_numpy(np.stack([arrays[i] for i in idx])).permute(0, 3, 1, 2).contiguous()
-                o = self.model(x.to(self.device))
-                for k, v in o.items():
-                    v = v.detach().cpu().numpy()
-                    if k not in outs:
-                        outs[k] = np.empty((len(arrays), *v.shape[1:]), dtype=v.dtype)
-                    outs[k][idx] = v
+        for idx in groups.values():
+            o = self._run(np.ascontiguousarray(np.stack([arrays[i] for i in idx]).transpose(0, 3, 1, 2)))
+            for k, v in o.items():
+                if k not in outs:
+                    outs[k] = np.empty((len(arrays), *v.shape[1:]), dtype=v.dtype)
+                outs[k][idx] = v
         return outs
 
     def predict(self, images, keys) -> Prediction:
@@ -233,7 +246,7 @@ class ExportedPredictor:
         return float(self.meta.get("cell_temperature") or 1.0)
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": "exported", "model": str(self.path), "n_cells": len(self.cells),
+        return {"name": self.name, "kind": self.kind, "model": str(self.path), "n_cells": len(self.cells),
                 "backbone": self.meta.get("backbone"), "topk": self.topk,
                 "prototypes": bool(self.meta.get("prototypes")), "refine": self.refine,
                 "evidence_heads": self.evidence_heads,
@@ -241,3 +254,50 @@ class ExportedPredictor:
                 "ocr": self.ocr is not None, "decode": self.decode,
                 "cell_temperature": self.temperature, "precision": str(self.meta.get("precision") or "32"),
                 "calibration": (self.meta.get("calibration") or {}).get("file")}
+
+
+def is_onnx(path: str | Path) -> bool:
+    """Whether ``path`` is an ONNX model file (a protobuf whose first field is the IR version)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return Path(path).suffix.lower() == ".onnx" and len(head) == 2 and head[0] == 0x08
+
+
+class OnnxPredictor(ExportedPredictor):
+    """An ONNX export (``python -m geoloc export format=onnx``) run by onnxruntime, behind the same interface as
+    :class:`ExportedPredictor` (answers, cell names and the template chain from the file alone). Arguments as
+    there; ``device`` ``cpu`` (onnxruntime's CPU provider) or ``cuda`` (its CUDA provider, when installed)."""
+
+    kind = "onnx"
+
+    def _load(self, device: str):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ModuleNotFoundError(f"{self.path}: running an ONNX model needs onnxruntime; install it with "
+                                      "`pip install -e '.[onnx]'`", name="onnxruntime") from e
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such model file")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else [
+            "CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(self.path), providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own kinds on damaged files
+            raise ValueError(f"{self.path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0][:200]}); "
+                             "export it again with python -m geoloc export format=onnx") from e
+        raw = session.get_modelmeta().custom_metadata_map.get("geoloc.json")
+        if not raw:
+            raise ValueError(f"{self.path}: an ONNX file without geoloc.json, so not exported by geoloc")
+        meta = json.loads(raw)
+        self._names = [o.name for o in session.get_outputs()]
+        return session, meta
+
+    @property
+    def centroids(self) -> np.ndarray:
+        return np.asarray(self.meta["centroids"], np.float64)
+
+    def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self._names, self.model.run(None, {"images": images})))
