@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= outputs/demo
 
-.PHONY: install test test-formats demo lint bench clean-demo ocr
+.PHONY: install test test-formats demo lint bench clean-demo ocr browser serve
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit("geoloc needs Python >= 3.11, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -23,9 +23,20 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not formats"
 
-# The ONNX export's tests (marked formats): a suite of its own so that make test stays within 10 minutes
+# The ONNX export's and the served page's tests (marked formats; the browser test needs make browser): a suite
+# of its own so that make test stays within 10 minutes
 test-formats: $(STAMP)
 	$(PY) -m pytest -q -m formats
+
+# The web page on the demo's model (make demo first): http://127.0.0.1:8000/
+serve: $(STAMP)
+	@test -f $(DEMO)/train/checkpoints/best.ckpt || { echo "make serve shows the demo's model: run make demo first"; exit 1; }
+	$(VENV)/bin/geoloc-serve --model $(DEMO)/train/checkpoints/best.ckpt --port $${PORT:-8000}
+
+# Optional: headless Chromium and its driver for the served page's browser test (Debian packages, as root)
+browser:
+	@if [ "$$(id -u)" != 0 ]; then echo "make browser installs Debian packages: run it as root (sudo make browser)"; exit 1; fi
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver > /dev/null
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

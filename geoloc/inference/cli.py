@@ -83,15 +83,21 @@ def predict_files(paths: list[str], predictor, *, batch_size: int = 32) -> list[
         out = predictor.predict(images, [paths[i] for i in good])
         del images
         for j, i in enumerate(good):
-            r = results[i]
-            r["latlng"] = [float(v) for v in out.latlng[j]]
-            r["top_cells"] = [{**_cell_info(table, c), "prob": float(p)}
-                              for c, p in zip(out.topk_cells[j], out.topk_prob[j])]
-            if out.explanations is not None:
-                r["explanation"] = out.explanations[j]
-            if r["exif_latlng"] is not None:
-                r["exif_distance_km"] = float(haversine_km(np.array([r["latlng"]]), np.array([r["exif_latlng"]]))[0])
+            fill_result(results[i], out, j, table)
     return results
+
+
+def fill_result(r: dict, out, j: int, table) -> dict:
+    """Writes photo ``j`` of a :class:`~geoloc.inference.base.Prediction` into its result dict (``latlng``,
+    ``top_cells`` with names and probabilities, ``explanation`` when there is one, ``exif_distance_km`` when
+    ``r["exif_latlng"]`` is set): what ``--json`` prints and ``geoloc-serve`` returns."""
+    r["latlng"] = [float(v) for v in out.latlng[j]]
+    r["top_cells"] = [{**_cell_info(table, c), "prob": float(p)} for c, p in zip(out.topk_cells[j], out.topk_prob[j])]
+    if out.explanations is not None:
+        r["explanation"] = out.explanations[j]
+    if r.get("exif_latlng") is not None:
+        r["exif_distance_km"] = float(haversine_km(np.array([r["latlng"]]), np.array([r["exif_latlng"]]))[0])
+    return r
 
 
 def load_predictor(model: str, *, cells: str | None = None, refine: str = "none", index: str | None = None,
