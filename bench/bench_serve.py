@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 import urllib.request
@@ -26,16 +27,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SHARED = Path(os.environ.get("GEOLOC_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-def _photos(n: int) -> list[Path]:
-    folder = SHARED / "im2gps3k-dev" / "images"
-    if folder.is_dir():
-        return sorted(folder.glob("*.jpg"))[:n]
-    from geoloc.data.readers import read_sample
-
-    return [Path(p) for p in read_sample(split="test").table["path"][:n]]
+sys.path.insert(0, str(HERE))
+from bench_predict import _photos  # noqa: E402  (the real dev photos, else the embedded sample)
 
 
 def _post(url: str, photo: Path) -> tuple[float, dict]:
@@ -83,7 +76,7 @@ def main() -> None:
     from geoloc.inference.webdriver import Chromium, find_chromium
 
     if not isinstance(find_chromium(), str):
-        with Chromium(width=1400, height=860) as browser:
+        with Chromium(width=1400, height=1150) as browser:
             browser.get(base + "/")
             browser.wait_for("svg#map[data-ready='1']")
             browser.find("#file").send_keys(str(photos[0]))

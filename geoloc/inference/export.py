@@ -365,14 +365,14 @@ ONNX_OPSET = 18
 
 
 class _OnnxExportedGeolocator(ExportedGeolocator):
-    """The same module, with the crop's bounds stated for ``torch.export`` (TorchScript never compiles this)."""
+    """The same module, cropping by gathering rows and columns (TorchScript never compiles this): the crop's
+    size is then static by construction for ``torch.export``, so the network after it sees fixed shapes (a
+    narrowed slice keeps a symbolic size, and its expressions follow it through every layer)."""
 
     def crop(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
-        torch._check(top >= 0)
-        torch._check(left >= 0)
-        torch._check(top + self.crop_h <= x.shape[2])
-        torch._check(left + self.crop_w <= x.shape[3])
-        return super().crop(x, top, left)
+        rows = torch.arange(self.crop_h, device=x.device) + top
+        cols = torch.arange(self.crop_w, device=x.device) + left
+        return x.index_select(2, rows).index_select(3, cols)
 
 
 def _onnx_sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
