@@ -109,3 +109,37 @@ def test_geoloc_predict_runs_the_onnx_file_as_the_torchscript_one(onnx_model, ti
         assert [c["cell_id"] for c in a["top_cells"]] == [c["cell_id"] for c in b["top_cells"]]
         assert np.allclose(a["latlng"], b["latlng"], atol=1e-4)
         assert a["explanation"]["stages"] and a["top_cells"][0]["country"] == b["top_cells"][0]["country"]
+
+
+@pytest.mark.slow
+def test_geoloc_serve_serves_the_onnx_file(onnx_model, tiny_text_run):
+    """An exported model behind geoloc-serve: the CLI's answer over HTTP, its cells as centroids on the map (the
+    file carries no cell geometry)."""
+    import threading
+    import urllib.request
+
+    from geoloc.inference.cli import predict_files
+    from geoloc.inference.exported import OnnxPredictor
+    from geoloc.inference.serve import GeolocService, make_server
+
+    path, _, _ = onnx_model
+    predictor = OnnxPredictor(path, explain=True)
+    srv = make_server(GeolocService(predictor), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_port}"
+        photo = sorted((tiny_text_run["sample"] / "images").glob("*.jpg"))[0]
+        req = urllib.request.Request(url + "/predict?explain=1", data=photo.read_bytes(), method="POST",
+                                     headers={"Content-Type": "image/jpeg"})
+        with urllib.request.urlopen(req) as r:
+            got = json.loads(r.read())
+        (ref,) = predict_files([str(photo)], predictor, batch_size=1)
+        assert got["top_cells"] == ref["top_cells"] and got["explanation"]["stages"]
+        with urllib.request.urlopen(url + "/cells.json") as r:
+            cells = json.loads(r.read())
+        assert {f["geometry"]["type"] for f in cells["features"]} == {"Point"}
+        with urllib.request.urlopen(url + "/health") as r:
+            assert json.loads(r.read())["model"]["kind"] == "onnx"
+    finally:
+        srv.shutdown()
+        srv.server_close()
