@@ -247,6 +247,15 @@ def _basis(cells) -> _CellBasis:
     return _CellBasis(cells)
 
 
+def _region_probability(cell_prob: np.ndarray, basis: _CellBasis, level: str, value: str):
+    """The geocell probability summed over a region's cells, and whether it is the most probable region."""
+    member = basis.regions.levels[level] == value
+    if not member.any():
+        return 0.0, False, "geocells"
+    best, _ = basis.regions(cell_prob[None], level)
+    return float(cell_prob[member].sum()), str(best[0]) == value, "geocells"
+
+
 def _model_probability(claim: dict, out: dict, i: int, basis: _CellBasis) -> tuple[float | None, bool, str | None]:
     """``(probability, is the most probable value, basis name)`` the model computed for a claim."""
     part, value = claim["head"], claim["value"]
@@ -259,12 +268,8 @@ def _model_probability(claim: dict, out: dict, i: int, basis: _CellBasis) -> tup
         if f"evidence/{part}" in out:
             p = np.asarray(out[f"evidence/{part}"][i], np.float64)
             return float(p[k]), int(p.argmax()) == k, f"{part} head"
-        if part == "continent":
-            member = basis.regions.levels["continent"] == value
-            sums = basis.regions.matrices["continent"].T.dot(cell_prob)
-            best = basis.regions.names["continent"][int(np.argmax(np.where(basis.regions.names["continent"] == "",
-                                                                           -1, sums)))]
-            return float(cell_prob[member].sum()), best == value, "geocells"
+        if part == "continent":  # without a continent head: the geocells summed, as for countries
+            return _region_probability(cell_prob, basis, part, value)
         if part in basis.counts:
             cnt = basis.counts[part]
             n = cnt.sum(1)
@@ -276,11 +281,7 @@ def _model_probability(claim: dict, out: dict, i: int, basis: _CellBasis) -> tup
             return float(dist[k]), int(dist.argmax()) == k, "cell distribution"
         return None, False, None
     if part in ("country", "admin1"):
-        member = basis.regions.levels[part] == value
-        if not member.any():
-            return 0.0, False, "geocells"
-        best, _ = basis.regions(cell_prob[None], part)
-        return float(cell_prob[member].sum()), str(best[0]) == value, "geocells"
+        return _region_probability(cell_prob, basis, part, value)
     if part == "place":
         near = basis.near_place(value)
         return float(cell_prob[near].sum()), int(cell_prob.argmax()) in set(near.tolist()), "geocells"

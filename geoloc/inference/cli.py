@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                         "every claim checked against its outputs, unbacked ones dropped), both; default: both when "
                         "the model has a text decoder, else template")
     parser.add_argument("--vlm", default=None, metavar="FOLDER",
-                        help="with --explain: also ask a vision-language model saved in FOLDER (transformers, e.g. "
+                        help="also ask a vision-language model saved in FOLDER (transformers, e.g. "
                         "Qwen2.5-VL; never downloaded) for the chain; only the claims the model backs are shown")
     parser.add_argument("--explain-beams", type=_positive_int, default=1,
                         help="beams of the text decoder's search (default 1: greedy)")
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = load_predictor(args.model, cells=args.cells, refine=args.refine, index=args.index,
                                    clip_weights=args.clip_weights, gallery=args.gallery, topk=args.topk,
-                                   device=args.device, explain=args.explain or False,
+                                   device=args.device, explain=args.explain or bool(args.vlm),
                                    ocr=args.ocr_engine if args.ocr else False, decode=args.decode,
                                    calibration=args.calibration, precision=args.precision,
                                    explain_beams=args.explain_beams, vlm=args.vlm)

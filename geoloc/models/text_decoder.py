@@ -190,6 +190,14 @@ class TextDecoder(nn.Module):
             new.append(kv)
         return self.log_probs(self.ln_out(x[:, -1])), new
 
+    def _padded(self, tokens: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows stopped before ``max_tokens`` padded with ``<pad>`` (probability 1)."""
+        pad = self.max_tokens - tokens.shape[1]
+        if pad > 0:
+            tokens = torch.cat([tokens, tokens.new_full((tokens.shape[0], pad), self.pad_id)], 1)
+            probs = torch.cat([probs, probs.new_ones((probs.shape[0], pad))], 1)
+        return tokens, probs
+
     @torch.jit.export
     def generate(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy decoding.
@@ -220,11 +228,7 @@ class TextDecoder(nn.Module):
             if bool(done.all()):
                 break
         out_t, out_p = torch.stack(tokens, 1), torch.stack(probs, 1)
-        pad = self.max_tokens - out_t.shape[1]
-        if pad > 0:
-            out_t = torch.cat([out_t, out_t.new_full((b, pad), self.pad_id)], 1)
-            out_p = torch.cat([out_p, out_p.new_ones((b, pad))], 1)
-        return out_t, out_p
+        return self._padded(out_t, out_p)
 
     @torch.no_grad()
     def beam_search(self, features: torch.Tensor, beams: int = 4,
@@ -264,11 +268,7 @@ class TextDecoder(nn.Module):
         best = final.argmax(-1) + torch.arange(b, device=dev) * beams
         out_t, out_p = seqs[best], seq_lp[best].exp()
         out_p[out_t == self.pad_id] = 1.0
-        pad = self.max_tokens - out_t.shape[1]
-        if pad > 0:
-            out_t = torch.cat([out_t, out_t.new_full((b, pad), self.pad_id)], 1)
-            out_p = torch.cat([out_p, out_p.new_ones((b, pad))], 1)
-        return out_t, out_p
+        return self._padded(out_t, out_p)
 
 
 def build_text_decoder(in_features: int, settings: dict | None) -> TextDecoder | None:
